@@ -1,0 +1,267 @@
+"""The feature transform: cleaned columns -> model-ready columns, as DuckDB SQL from a fitted state.
+
+The same `feature_select_sql(state, relation)` runs offline over the `cleaned` table and online
+over the rows of a request, so training and serving cannot disagree. The state (`FeatureState`)
+is fitted from the data and only ever grows: a category keeps its code forever, new ones are
+appended (up to `max_categories`), so a model trained earlier still reads newer feature tables.
+
+Feature kinds:
+- numeric and boolean columns pass through (NULL = missing);
+- categorical columns become DuckDB ENUMs (readable in the catalog, stored as stable codes;
+  unseen values become NULL);
+- `__time` gives hour of day, day of week, day of month, month and day of year;
+- text columns become token counts in `buckets` hashed buckets (md5 of each lower-cased token);
+- JSON string columns are flattened to one column per leaf (`<column>__<path>`); number leaves
+  are numeric, the others categorical;
+- aggregates (see aggregates.py) are joined by row.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import duckdb
+from pydantic import BaseModel, Field
+
+from ml_lifecycle.data.aggregates import aggregate_sql
+from ml_lifecycle.data.sources import quote, sql_literal
+from ml_lifecycle.spec import TARGET, TIME, DatasetSpec
+
+STATE_TABLE = "_feature_state"
+FeatureKind = Literal["numeric", "boolean", "categorical", "time", "text_hash", "json", "aggregate"]
+TIME_PARTS = {
+    "time__hour": f"hour({TIME}) + minute({TIME}) / 60.0",
+    "time__day_of_week": f"isodow({TIME})",
+    "time__day_of_month": f"day({TIME})",
+    "time__month": f"month({TIME})",
+    "time__day_of_year": f"dayofyear({TIME})",
+}
+_NUMERIC_JSON = {"UBIGINT", "BIGINT", "DOUBLE", "HUGEINT", "UHUGEINT", "INTEGER"}
+
+
+class JsonField(BaseModel):
+    path: list[str]
+    kind: Literal["numeric", "categorical"]
+
+    def column(self, source: str) -> str:
+        return f"{source}__{'_'.join(self.path)}"
+
+
+class FeatureSpec(BaseModel):
+    name: str
+    kind: FeatureKind
+    categorical: bool = False  # LightGBM categorical (ENUM codes)
+    source: list[str] = Field(default_factory=list)  # cleaned columns it derives from
+
+
+class FeatureState(BaseModel):
+    """Everything the transform needs besides the row: fitted once, saved with each model."""
+
+    dataset: str
+    version: int = 1
+    id_columns: list[str] = Field(default_factory=list)
+    has_time: bool = False
+    numeric: list[str] = Field(default_factory=list)
+    boolean: list[str] = Field(default_factory=list)
+    categories: dict[str, list[str]] = Field(default_factory=dict)
+    text_buckets: dict[str, int] = Field(default_factory=dict)
+    json_fields: dict[str, list[JsonField]] = Field(default_factory=dict)
+    aggregates: list[str] = Field(default_factory=list)
+    features: list[FeatureSpec] = Field(default_factory=list)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def categorical_features(self) -> list[str]:
+        return [f.name for f in self.features if f.categorical]
+
+
+def _enum_type(values: list[str]) -> str:
+    return "ENUM(" + ", ".join(sql_literal(v) for v in values) + ")" if values else "VARCHAR"
+
+
+def feature_select_sql(
+    state: FeatureState, alias: str = "c", aggregate_source: dict[str, str] | None = None
+) -> list[str]:
+    """SELECT items turning a cleaned-shaped relation `alias` into the feature columns.
+
+    Aggregates are read from `alias` unless `aggregate_source` maps them to other expressions.
+    """
+    items: list[str] = []
+    col = lambda name: f"{alias}.{quote(name)}"  # noqa: E731
+    aggregate_source = aggregate_source or {}
+    for feature in state.features:
+        name = feature.name
+        if feature.kind == "aggregate":
+            items.append(f"{aggregate_source.get(name, col(name))} AS {quote(name)}")
+        elif feature.kind == "numeric":
+            items.append(f"{col(name)} AS {quote(name)}")
+        elif feature.kind == "boolean":
+            items.append(f"CAST({col(name)} AS TINYINT) AS {quote(name)}")
+        elif feature.kind == "categorical":
+            values = state.categories[name]
+            items.append(f"TRY_CAST(CAST({col(name)} AS VARCHAR) AS {_enum_type(values)}) "
+                         f"AS {quote(name)}")
+        elif feature.kind == "time":
+            items.append(f"{TIME_PARTS[name].replace(TIME, col(TIME))} AS {quote(name)}")
+    for source, buckets in state.text_buckets.items():
+        hashed = (f"list_transform(list_filter(regexp_split_to_array(lower({col(source)}), "
+                  f"'[^a-z0-9]+'), t -> t <> ''), t -> md5_number_lower(t) % {buckets})")
+        for bucket in range(buckets):
+            items.append(f"CAST(list_count(list_filter({hashed}, b -> b = {bucket})) AS SMALLINT) "
+                         f"AS {quote(f'{source}__h{bucket}')}")
+    for source, fields in state.json_fields.items():
+        for json_field in fields:
+            path = "$." + ".".join(json_field.path)
+            extracted = f"json_extract_string({col(source)}, {sql_literal(path)})"
+            name = json_field.column(source)
+            if json_field.kind == "numeric":
+                items.append(f"TRY_CAST({extracted} AS DOUBLE) AS {quote(name)}")
+            else:
+                values = state.categories.get(name, [])
+                items.append(f"TRY_CAST({extracted} AS {_enum_type(values)}) AS {quote(name)}")
+    return items
+
+
+def _top_values(conn: duckdb.DuckDBPyConnection, table: str, expr: str, limit: int) -> list[str]:
+    rows = conn.execute(
+        f"SELECT v FROM (SELECT CAST({expr} AS VARCHAR) AS v, count(*) AS n FROM {quote(table)} "
+        f"GROUP BY v) WHERE v IS NOT NULL ORDER BY n DESC, v LIMIT {int(limit)}"
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _grow(previous: list[str], found: list[str], limit: int) -> list[str]:
+    """Append-only vocabulary: old codes never move; new values fill up to `limit`."""
+    out = list(previous)
+    seen = set(out)
+    for value in found:
+        if len(out) >= limit:
+            break
+        if value not in seen:
+            out.append(value)
+            seen.add(value)
+    return out
+
+
+def _json_leaves(structure: Any, prefix: list[str]) -> list[JsonField]:
+    if isinstance(structure, dict):
+        leaves: list[JsonField] = []
+        for key, value in structure.items():
+            leaves.extend(_json_leaves(value, [*prefix, key]))
+        return leaves
+    if isinstance(structure, list) or structure in ("NULL", None, "JSON"):
+        return []
+    kind = "numeric" if str(structure).upper() in _NUMERIC_JSON else "categorical"
+    return [JsonField(path=prefix, kind=kind)]
+
+
+def fit_feature_state(
+    conn: duckdb.DuckDBPyConnection,
+    spec: DatasetSpec,
+    roles: dict[str, str],
+    table: str = "cleaned",
+    previous: FeatureState | None = None,
+) -> FeatureState:
+    """Fit (or grow) the transform state on a cleaned table whose column roles are known."""
+    previous = previous or FeatureState(dataset=spec.name)
+    declared = set(spec.categorical_columns)
+    state = FeatureState(
+        dataset=spec.name,
+        version=previous.version + 1 if previous.features else 1,
+        id_columns=list(spec.id_columns),
+        has_time=spec.has_time,
+    )
+    features: list[FeatureSpec] = []
+    for name, role in roles.items():
+        if role == "numeric":
+            state.numeric.append(name)
+            features.append(FeatureSpec(name=name, kind="numeric", source=[name]))
+        elif role == "boolean":
+            state.boolean.append(name)
+            features.append(FeatureSpec(name=name, kind="boolean", source=[name]))
+        elif role == "categorical" or (role == "id" and name in declared):
+            found = _top_values(conn, table, quote(name), spec.max_categories)
+            state.categories[name] = _grow(previous.categories.get(name, []), found,
+                                           spec.max_categories)
+            features.append(FeatureSpec(name=name, kind="categorical", categorical=True,
+                                        source=[name]))
+        elif role == "text":
+            buckets = next(t.buckets for t in spec.text_columns if t.name == name)
+            state.text_buckets[name] = buckets
+            features += [FeatureSpec(name=f"{name}__h{b}", kind="text_hash", source=[name])
+                         for b in range(buckets)]
+        elif role == "json":
+            structure = conn.execute(
+                f"SELECT json_group_structure(TRY_CAST({quote(name)} AS JSON)) FROM {quote(table)}"
+            ).fetchall()[0][0]
+            leaves = _json_leaves(json.loads(structure) if structure else {}, [])
+            known = {tuple(f.path): f for f in previous.json_fields.get(name, [])}
+            for leaf in leaves:
+                known.setdefault(tuple(leaf.path), leaf)
+            state.json_fields[name] = list(known.values())
+            for leaf in state.json_fields[name]:
+                column = leaf.column(name)
+                if leaf.kind == "categorical":
+                    path = sql_literal("$." + ".".join(leaf.path))
+                    found = _top_values(conn, table, f"json_extract_string({quote(name)}, {path})",
+                                        spec.max_categories)
+                    state.categories[column] = _grow(previous.categories.get(column, []), found,
+                                                     spec.max_categories)
+                features.append(FeatureSpec(name=column, kind="json",
+                                            categorical=leaf.kind == "categorical", source=[name]))
+    if spec.has_time:
+        features += [FeatureSpec(name=n, kind="time", source=[TIME]) for n in TIME_PARTS]
+    for aggregate in spec.aggregates:
+        for output in aggregate.output_columns():
+            state.aggregates.append(output)
+            features.append(FeatureSpec(name=output, kind="aggregate",
+                                        source=[f"__agg_{aggregate.name}_value",
+                                                f"__agg_{aggregate.name}_known_at"]))
+    state.features = features
+    return state
+
+
+def load_state(conn: duckdb.DuckDBPyConnection) -> FeatureState | None:
+    exists = conn.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [STATE_TABLE]
+    ).fetchall()[0][0]
+    if not exists:
+        return None
+    rows = conn.execute(
+        f"SELECT state FROM {STATE_TABLE} ORDER BY version DESC LIMIT 1").fetchall()
+    return FeatureState.model_validate_json(rows[0][0]) if rows else None
+
+
+def save_state(conn: duckdb.DuckDBPyConnection, state: FeatureState) -> None:
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} "
+                 "(version INTEGER, created_at TIMESTAMP DEFAULT now(), state VARCHAR)")
+    conn.execute(f"INSERT INTO {STATE_TABLE} (version, state) VALUES (?, ?)",
+                 [state.version, state.model_dump_json()])
+
+
+def build_features_sql(spec: DatasetSpec, state: FeatureState, table: str = "cleaned") -> str:
+    """The statement that builds the features table from the cleaned table."""
+    ids = [f"c.{quote(i)}" for i in spec.id_columns if i not in state.categories]
+    head = [*ids]
+    if spec.has_time:
+        head.append(f"c.{TIME}")
+    head.append(f"c.{TARGET}")
+    ctes = []
+    joins = []
+    for index, aggregate in enumerate(spec.aggregates):
+        alias = f"a{index}"
+        ctes.append(f"{alias} AS ({aggregate_sql(aggregate, table)})")
+        joins.append(f"LEFT JOIN {alias} ON {alias}.__rowid = c.rowid")
+    items = feature_select_sql(state, "c", {
+        name: f"a{index}.{quote(name)}"
+        for index, aggregate in enumerate(spec.aggregates)
+        for name in aggregate.output_columns()
+    })
+    with_clause = f"WITH {', '.join(ctes)} " if ctes else ""
+    order = f" ORDER BY c.{TIME}" if spec.has_time else ""
+    return (f"{with_clause}SELECT {', '.join(head + items)} FROM {quote(table)} AS c "
+            f"{' '.join(joins)}{order}")
