@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -312,6 +314,15 @@ def test_empty_frame_fails_row_count(gx_ready: None) -> None:
     rows = only(outcome, "expect_table_row_count_to_be_between")
     assert not rows.success and rows.observed_value == 0
     assert validate_frame(frame, "raw_orders", []).results == []
+
+
+def test_cached_context_does_not_keep_the_frame(gx_ready: None) -> None:
+    frame = raw_frame()
+    ref = weakref.ref(frame)
+    validate_frame(frame, "raw_orders", expectations_for(make_spec(), "raw_orders", RAW_TYPES))
+    del frame
+    gc.collect()
+    assert ref() is None
 
 
 def test_json_safe_values() -> None:

@@ -354,6 +354,24 @@ def _referenced(expr: str | None, columns: dict[str, FlatColumn]) -> list[FlatCo
     return [c for name, c in columns.items() if name in words]
 
 
+ROLES_TABLE = "_column_roles"
+
+
+def save_roles(conn: duckdb.DuckDBPyConnection, table: str, roles: dict[str, str]) -> None:
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {ROLES_TABLE} "
+                 "(table_name VARCHAR, column_name VARCHAR, role VARCHAR)")
+    conn.execute(f"DELETE FROM {ROLES_TABLE} WHERE table_name = ?", [table])
+    conn.executemany(f"INSERT INTO {ROLES_TABLE} VALUES (?, ?, ?)",
+                     [(table, column, role) for column, role in roles.items()])
+
+
+def load_roles(conn: duckdb.DuckDBPyConnection, table: str = "cleaned") -> dict[str, str]:
+    """Roles of a cleaned table's columns, as saved when it was built (in column order)."""
+    rows = conn.execute(
+        f"SELECT column_name, role FROM {ROLES_TABLE} WHERE table_name = ?", [table]).fetchall()
+    return dict(rows)
+
+
 def clean(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec, table: str = "cleaned"
           ) -> tuple[CleaningPlan, CleaningReport]:
     """Build `table` from the raw tables; returns the plan (roles, lineage) and what happened."""
@@ -369,6 +387,7 @@ def clean(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec, table: str = "clea
     except duckdb.ConversionException as error:
         raise SpecError(f"dataset spec {spec.spec_path}: cleaning failed: "
                         f"{str(error).splitlines()[0]}") from None
+    save_roles(conn, table, plan.roles)
     rows_out, unlabelled = conn.execute(
         f"SELECT count(*), count(*) FILTER (WHERE {TARGET} IS NULL) FROM {quote(table)}"
     ).fetchall()[0]

@@ -251,7 +251,7 @@ def _table_names(spec: DatasetSpec) -> list[str]:
 def _check_table(spec: DatasetSpec, table: str) -> None:
     if table not in _table_names(spec):
         raise SpecError(
-            f"{spec._where()}: cannot validate unknown table {table!r}; "
+            f"dataset {spec.name!r}: cannot validate unknown table {table!r}; "
             f"expected one of {_table_names(spec)}")
 
 
@@ -366,7 +366,8 @@ def _gx_state() -> dict[str, Any]:
                 progress_bars=ProgressBarsConfig(globally=False),
             )
             context = gx.get_context(project_config=config, mode="ephemeral")
-            asset = context.data_sources.add_pandas("ml_lifecycle").add_dataframe_asset("frame")
+            datasource = context.data_sources.add_pandas("ml_lifecycle")
+            asset = datasource.add_dataframe_asset("frame")
             registry: dict[str, type] = {}
             for name in dir(gxe):
                 cls = getattr(gxe, name)
@@ -378,6 +379,7 @@ def _gx_state() -> dict[str, Any]:
             _GX.update(
                 gx=gx,
                 context=context,
+                datasource=datasource,
                 batch_definition=asset.add_batch_definition_whole_dataframe("whole"),
                 registry=registry,
             )
@@ -475,6 +477,8 @@ def validate_frame(
         except Exception as error:
             raise RuntimeError(
                 f"Great Expectations failed while validating {table}: {error}") from error
+        finally:
+            _forget_frame(state)
 
     by_index: dict[int, Any] = {}
     for gx_result in validation.results:
@@ -487,6 +491,16 @@ def validate_frame(
         gx_result = by_index.get(representative[i])
         results.append(_result(exp, origin, gx_result))
     return ValidationOutcome(table=table, row_count=len(frame), results=results)
+
+
+def _forget_frame(state: dict[str, Any]) -> None:
+    """The cached execution engine keeps the last batch's frame alive: drop it."""
+    try:
+        manager = state["datasource"].get_execution_engine().batch_manager
+        manager.reset_batch_cache()
+        manager.batch_data_cache.clear()
+    except AttributeError:  # a GX version without these internals: only costs memory
+        pass
 
 
 def _result(exp: Expectation, origin: str, gx_result: Any) -> ExpectationResult:
