@@ -57,3 +57,8 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
 
 
 defs = build_definitions(load_spec(dataset_spec_path()))
+
+
+def job_by_name(name: str) -> dg.JobDefinition:
+    """Reconstructor for `dg.build_reconstructable_job` (the CLI runs jobs through it)."""
+    return defs.resolve_job_def(name)

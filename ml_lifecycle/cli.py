@@ -1,0 +1,205 @@
+"""`ml-lifecycle`: run the lifecycle from a terminal (demo, jobs, landing files, status, spec check).
+
+Jobs run on the Dagster instance in $DAGSTER_HOME, so every run shows up in `make ui`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ml_lifecycle.settings import REPO_ROOT, dataset_spec_path
+from ml_lifecycle.spec import SpecError, load_spec
+
+
+def _months(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    months: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            low, high = part.split("-", 1)
+            months.extend(range(int(low), int(high) + 1))
+        else:
+            months.append(int(part))
+    return months
+
+
+def _instance():
+    import dagster as dg
+
+    home = os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster_home"))
+    Path(home).mkdir(parents=True, exist_ok=True)
+    config = Path(home) / "dagster.yaml"
+    if not config.exists():
+        config.write_text((REPO_ROOT / "dagster.yaml").read_text())
+    return dg.DagsterInstance.get()
+
+
+def run_job(job_name: str) -> bool:
+    """Execute a job on the persistent instance with a progress bar; print what happened."""
+    import dagster as dg
+    from tqdm import tqdm
+
+    from ml_lifecycle.definitions import defs
+
+    instance = _instance()
+    job_def = defs.resolve_job_def(job_name)
+    total = len(job_def.nodes)
+    result: dict = {}
+
+    def target() -> None:
+        job = dg.build_reconstructable_job(
+            "ml_lifecycle.definitions", "job_by_name", reconstructable_args=(job_name,))
+        try:
+            quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+            with dg.execute_job(job, instance=instance, run_config=quiet) as outcome:
+                result["success"] = outcome.success
+                result["run_id"] = outcome.run_id
+        except Exception as error:  # surfaced below; the run's own events hold the details
+            result["error"] = error
+
+    before = {r.run_id for r in instance.get_runs(filters=dg.RunsFilter(job_name=job_name), limit=5)}
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    bar = tqdm(total=total, desc=job_name, unit="step", file=sys.stdout)
+    run_id = None
+    seen: set[str] = set()
+    while worker.is_alive() or run_id is None:
+        if run_id is None:
+            runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name), limit=1)
+            if runs and runs[0].run_id not in before:
+                run_id = runs[0].run_id
+        if run_id:
+            for record in instance.all_logs(run_id, of_type={
+                    dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
+                    dg.DagsterEventType.STEP_SKIPPED}):
+                step = record.step_key or ""
+                if step not in seen:
+                    seen.add(step)
+                    bar.update(1)
+                    bar.set_postfix_str(step[:40])
+        if not worker.is_alive():
+            break
+        time.sleep(0.3)
+    worker.join()
+    bar.close()
+    if "error" in result:
+        print(f"run failed to start: {result['error']}", file=sys.stderr)
+        return False
+    _summarise(instance, result["run_id"], defs, job_def)
+    return bool(result.get("success"))
+
+
+def _summarise(instance, run_id: str, defs, job_def) -> None:
+    import dagster as dg
+
+    run = instance.get_run_by_id(run_id)
+    status = run.status.value if run else "UNKNOWN"
+    print(f"\nrun {run_id[:8]} {status}")
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        materialization = record.dagster_event.event_specific_data.materialization
+        rows = materialization.metadata.get("dagster/row_count")
+        label = "/".join(materialization.asset_key.path)
+        extra = f"{rows.value:>10,} rows" if rows is not None else ""
+        print(f"  materialized {label:<22} {extra}")
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = record.dagster_event.event_specific_data
+        verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
+        print(f"  check {'/'.join(evaluation.asset_key.path)}:{evaluation.check_name} {verdict}")
+        if not evaluation.passed and evaluation.description:
+            for line in evaluation.description.splitlines()[:5]:
+                print(f"      {line}")
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        error = record.dagster_event.event_specific_data.error
+        message = error.message.strip().splitlines() if error else []
+        print(f"  step {record.step_key} failed: {message[-1] if message else ''}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    spec = load_spec(dataset_spec_path())
+    print(f"ml-lifecycle demo: dataset {spec.name!r} ({spec.spec_path})")
+    print(f"  home: {spec.paths().root}\n  dagster instance: "
+          f"{os.environ.get('DAGSTER_HOME', REPO_ROOT / '.dagster_home')}")
+    ok = run_job("training_pipeline")
+    print("\nnext: `make ui` and open http://127.0.0.1:3001 (Assets -> group data) to browse the "
+          "tables, their schema, lineage and checks;\n      `ml-lifecycle status` for a summary.")
+    return 0 if ok else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return 0 if run_job(args.job) else 1
+
+
+def cmd_land(args: argparse.Namespace) -> int:
+    from ml_lifecycle.data.landing import land
+
+    spec = load_spec(dataset_spec_path())
+    written = land(spec, months=_months(args.months), scale=args.scale)
+    print(f"wrote {len(written)} landing file(s) under {spec.paths().landing}")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import duckdb
+
+    spec = load_spec(dataset_spec_path())
+    warehouse = spec.paths().warehouse
+    print(f"dataset {spec.name!r}: {warehouse}")
+    if not warehouse.exists():
+        print("  no warehouse yet: run `make demo`")
+        return 0
+    with duckdb.connect(str(warehouse), read_only=True) as conn:
+        tables = conn.execute(
+            "SELECT table_name, estimated_size, column_count FROM duckdb_tables() ORDER BY 1"
+        ).fetchall()
+        for name, _, columns in tables:
+            rows = conn.execute(f'SELECT count(*) FROM "{name}"').fetchall()[0][0]
+            print(f"  {name:<22} {rows:>10,} rows  {columns:>3} columns")
+    return 0
+
+
+def cmd_check_spec(args: argparse.Namespace) -> int:
+    from ml_lifecycle.data.validation import check_spec_expectations
+
+    path = Path(args.path) if args.path else dataset_spec_path()
+    spec = load_spec(path)
+    check_spec_expectations(spec)
+    print(f"{path}: valid ({spec.task}, {len(spec.references)} references, "
+          f"{len(spec.aggregates)} aggregates)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ml-lifecycle", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="run the main job (training_pipeline) on the default dataset")
+    run = sub.add_parser("run", help="run a job on the $DAGSTER_HOME instance")
+    run.add_argument("job", nargs="?", default="training_pipeline")
+    land = sub.add_parser("land", help="write landing files with the spec's generator")
+    land.add_argument("--months", help="e.g. 1-3 or 4,5 (default: all)")
+    land.add_argument("--scale", type=int, default=1, help="copies shifted by whole years")
+    sub.add_parser("status", help="tables in the dataset's warehouse")
+    check = sub.add_parser("check-spec", help="validate a dataset spec file")
+    check.add_argument("path", nargs="?")
+    args = parser.parse_args(argv)
+    handlers = {"demo": cmd_demo, "run": cmd_run, "land": cmd_land, "status": cmd_status,
+                "check-spec": cmd_check_spec}
+    try:
+        return handlers[args.command](args)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+
