@@ -22,6 +22,27 @@ def landing_signatures(spec: DatasetSpec) -> dict[str, dict[str, str]]:
     return out
 
 
+def already_ingested(spec: DatasetSpec) -> dict[str, dict[str, int]]:
+    """raw table -> {path: size} from the warehouse manifest; empty when it cannot be read
+    (no warehouse yet, or a run holds the write lock)."""
+    import duckdb
+
+    from ml_lifecycle.data.ingestion import MANIFEST
+
+    warehouse = spec.paths().warehouse
+    if not warehouse.exists():
+        return {}
+    try:
+        with duckdb.connect(str(warehouse), read_only=True) as conn:
+            rows = conn.execute(f"SELECT table_name, path, size_bytes FROM {MANIFEST}").fetchall()
+    except duckdb.Error:
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for table, path, size in rows:
+        out.setdefault(table, {})[path] = size
+    return out
+
+
 def build_landing_sensor(spec: DatasetSpec, job) -> dg.SensorDefinition:
     @dg.sensor(
         name="landing_sensor",
@@ -41,8 +62,20 @@ def build_landing_sensor(spec: DatasetSpec, job) -> dg.SensorDefinition:
             table: sorted(p for p, sig in files.items() if previous.get(table, {}).get(p) != sig)
             for table, files in current.items()
         }
+        if not context.cursor:
+            # First tick: files already in the warehouse manifest need no run.
+            ingested = already_ingested(spec)
+            changed = {
+                table: [
+                    p
+                    for p in paths
+                    if ingested.get(table, {}).get(p) != int(current[table][p].split(":")[0])
+                ]
+                for table, paths in changed.items()
+            }
         changed = {table: paths for table, paths in changed.items() if paths}
         if not changed:
+            context.update_cursor(json.dumps(current))
             return dg.SkipReason("no new or changed landing files")
         context.update_cursor(json.dumps(current))
         key = hashlib.sha256(
