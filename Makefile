@@ -7,7 +7,7 @@ UI_PORT ?= 3001
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export ML_LIFECYCLE_HOME ?= $(CURDIR)/data
 
-.PHONY: install instance demo test ui lint format bench-data clean
+.PHONY: install instance demo test ui lint format bench-data experiments clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install
 ## ui: the Dagster UI on 127.0.0.1 (daemon included: sensors and automation run)
 ui: install instance
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
+
+## experiments: compare training runs (the experiments table)
+experiments: install
+	$(VENV)/bin/ml-lifecycle experiments
 
 lint: install
 	$(VENV)/bin/ruff check ml_lifecycle ml_lifecycle_tests datasets benchmarks

@@ -165,6 +165,78 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiments(args: argparse.Namespace) -> int:
+    import json
+
+    import duckdb
+
+    from ml_lifecycle.training.tracking import TABLE
+
+    spec = load_spec(dataset_spec_path())
+    warehouse = spec.paths().warehouse
+    if not warehouse.exists():
+        print("no warehouse yet: run `make demo`")
+        return 0
+    with duckdb.connect(str(warehouse), read_only=True) as conn:
+        exists = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                              [TABLE]).fetchall()[0][0]
+        if not exists:
+            print("no training runs yet")
+            return 0
+        rows = conn.execute(
+            f"SELECT started_at, model_version, status, code_version, data_snapshot, duration_s, "
+            f"valid_metrics, test_metrics, params FROM {TABLE} WHERE kind = 'train' "
+            f"ORDER BY started_at DESC LIMIT ?", [args.limit]).fetchall()
+    print(f"{'time':<20} {'version':<8} {'status':<10} {'code':<13} {'data':<17} "
+          f"{'secs':>6}  valid -> test")
+    for started, version, status, code, data, secs, valid, test, params in rows:
+        valid, test = json.loads(valid or "{}"), json.loads(test or "{}")
+        figures = "  ".join(
+            f"{k}={valid.get(k, float('nan')):.4f}->"
+            + (f"{test[k]:.4f}" if test.get(k) is not None else "?") for k in list(valid)[:3])
+        print(f"{str(started)[:19]:<20} {version:<8} {status:<10} {code:<13} {data:<17} "
+              f"{secs:>6.1f}  {figures}")
+        if args.params:
+            print(f"{'':<20} params: {json.loads(params or '{}').get('lightgbm')}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ml_lifecycle.training.registry import ModelRegistry
+
+    spec = load_spec(dataset_spec_path())
+    registry = ModelRegistry(spec.paths().registry)
+    aliases = registry.aliases()
+    print(f"registry {registry.root}: aliases {aliases or 'none'}")
+    for version in registry.versions():
+        meta = registry.load(version).metadata
+        tags = [name for name, v in aliases.items() if v == version]
+        valid = meta.get("valid_metrics", {})
+        first = next(iter(valid), None)
+        score = f"valid {first}={valid[first]:.4f}" if first else ""
+        print(f"  {version} {meta.get('registered_at', '')} {score} run {str(meta.get('run_id'))[:8]}"
+              f" data {meta.get('data_snapshot')} code {meta.get('code_version')}"
+              f"{'  <- ' + ', '.join(tags) if tags else ''}")
+    for entry in registry.audit_log()[-args.audit:]:
+        print(f"  audit {entry['time']} {entry['event']:<11} {entry.get('version')}: "
+              f"{entry['reason']}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from ml_lifecycle.training.registry import ModelRegistry, RegistryError
+
+    spec = load_spec(dataset_spec_path())
+    registry = ModelRegistry(spec.paths().registry)
+    try:
+        entry = registry.rollback(args.to, reason=args.reason)
+    except RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"champion: {entry['previous_champion']} -> {entry['version']} ({entry['reason']})")
+    return 0
+
+
 def cmd_check_spec(args: argparse.Namespace) -> int:
     from ml_lifecycle.data.validation import check_spec_expectations
 
@@ -186,10 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     land.add_argument("--months", help="e.g. 1-3 or 4,5 (default: all)")
     land.add_argument("--scale", type=int, default=1, help="copies shifted by whole years")
     sub.add_parser("status", help="tables in the dataset's warehouse")
+    experiments = sub.add_parser("experiments", help="compare training runs (experiments table)")
+    experiments.add_argument("--limit", type=int, default=20)
+    experiments.add_argument("--params", action="store_true", help="show each run's params")
+    models = sub.add_parser("models", help="registered model versions, aliases, audit log")
+    models.add_argument("--audit", type=int, default=10, help="audit entries to show")
+    rollback = sub.add_parser("rollback", help="point the champion back at an earlier version")
+    rollback.add_argument("--to", help="version, e.g. v0002 (default: the previous champion)")
+    rollback.add_argument("--reason", default="manual rollback")
     check = sub.add_parser("check-spec", help="validate a dataset spec file")
     check.add_argument("path", nargs="?")
     args = parser.parse_args(argv)
     handlers = {"demo": cmd_demo, "run": cmd_run, "land": cmd_land, "status": cmd_status,
+                "experiments": cmd_experiments, "models": cmd_models, "rollback": cmd_rollback,
                 "check-spec": cmd_check_spec}
     try:
         return handlers[args.command](args)

@@ -10,6 +10,7 @@ import dagster as dg
 
 from ml_lifecycle.assets.checks import build_validation_checks
 from ml_lifecycle.assets.data import build_data_assets
+from ml_lifecycle.assets.training import build_training_assets
 from ml_lifecycle.resources import Warehouse
 from ml_lifecycle.sensors import build_landing_sensor
 from ml_lifecycle.settings import dataset_spec_path
@@ -19,6 +20,7 @@ from ml_lifecycle.spec import DatasetSpec, load_spec
 def build_definitions(spec: DatasetSpec) -> dg.Definitions:
     data_assets = build_data_assets(spec)
     checks = build_validation_checks(spec)
+    training_assets, training_checks = build_training_assets(spec)
     data_pipeline = dg.define_asset_job(
         "data_pipeline",
         selection=dg.AssetSelection.groups("data"),
@@ -31,8 +33,9 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
         "training_pipeline",
         selection=dg.AssetSelection.groups("data", "training"),
         description=(
-            "The main job: raw files -> features -> model -> evaluation_report, on a fresh home "
-            "with no arguments (landing files are created if missing)."
+            "The main job: raw files -> features -> model -> evaluation_report -> champion (the "
+            "promotion gate decides), on a fresh home with no arguments (landing files are "
+            "created if missing)."
         ),
     )
     automation = dg.AutomationConditionSensorDefinition(
@@ -42,13 +45,14 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
         minimum_interval_seconds=30,
         description=(
             "Evaluates the assets' automation conditions every 30 s: cleaned/features refresh "
-            "when their inputs change and their blocking checks pass."
+            "when their inputs change and their blocking checks pass; the model retrains when "
+            "its params file (code version) changes; evaluation and promotion follow."
         ),
     )
     paths = spec.paths()
     return dg.Definitions(
-        assets=data_assets,
-        asset_checks=checks,
+        assets=[*data_assets, *training_assets],
+        asset_checks=[*checks, *training_checks],
         jobs=[data_pipeline, training_pipeline],
         sensors=[build_landing_sensor(spec, data_pipeline), automation],
         resources={"warehouse": Warehouse(database=str(paths.warehouse))},

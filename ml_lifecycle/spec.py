@@ -293,6 +293,11 @@ class DatasetSpec(StrictModel):
     references: list[Reference] = Field(default_factory=list)
     aggregates: list[Aggregate] = Field(default_factory=list)
     split: Split = Split()
+    params: str | None = Field(
+        None, description="Training params file (default: <spec name>.params.yaml beside the spec "
+        "if present, else built-in defaults).")
+    slice_columns: list[str] = Field(
+        default_factory=list, description="Categorical columns the evaluation reports per slice.")
     expectations: dict[str, list[Expectation]] = Field(default_factory=dict)
     thresholds: Thresholds = Thresholds()
 
@@ -363,6 +368,16 @@ class DatasetSpec(StrictModel):
     @property
     def split_method(self) -> str:
         return self.split.method or ("time" if self.has_time else "random")
+
+    def params_path(self) -> Path | None:
+        """The training params file in use, or None for the built-in defaults."""
+        if self.params:
+            return Path(self.resolve_path(self.params))
+        if self._spec_path:
+            candidate = self._spec_path.with_name(f"{self._spec_path.stem}.params.yaml")
+            if candidate.exists():
+                return candidate
+        return None
 
     def raw_asset_names(self) -> list[str]:
         return [f"raw_{self.primary_name}"] + [f"raw_{r.name}" for r in self.references]

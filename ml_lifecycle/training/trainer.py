@@ -1,0 +1,110 @@
+"""LightGBM training with early stopping on the validation split, and the optional search."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+
+from ml_lifecycle.training.dataset import ModelData
+from ml_lifecycle.training.metrics import HIGHER_IS_BETTER, PRIMARY, compute_metrics
+from ml_lifecycle.training.params import TrainingParams, search_candidates
+
+_OBJECTIVES = {
+    "binary": {"objective": "binary", "metric": "binary_logloss"},
+    "regression": {"objective": "regression", "metric": "l2"},
+    "multiclass": {"objective": "multiclass", "metric": "multi_logloss"},
+}
+
+
+@dataclass
+class Trial:
+    params: dict[str, Any]
+    best_iteration: int
+    valid_metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class TrainedModel:
+    booster: lgb.Booster
+    params: TrainingParams
+    best_iteration: int
+    valid_metrics: dict[str, float]
+    trials: list[Trial] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def lightgbm_params(task: str, params: TrainingParams, num_class: int | None) -> dict[str, Any]:
+    out = {**_OBJECTIVES[task], **params.lightgbm.model_dump(), "seed": params.seed,
+           "verbosity": -1, "deterministic": True, "force_col_wise": True}
+    if task == "multiclass":
+        out["num_class"] = num_class
+    return out
+
+
+def predict(booster: lgb.Booster, X: np.ndarray, task: str) -> np.ndarray:
+    """P(class 1) for binary, an (n, k) matrix for multiclass, values for regression."""
+    out = booster.predict(X, num_iteration=booster.best_iteration or None)
+    return np.asarray(out)
+
+
+def _fit(task: str, data: ModelData, params: TrainingParams) -> tuple[lgb.Booster, float]:
+    started = time.perf_counter()
+    num_class = len(data.classes) if data.classes else None
+    train, valid = data.splits["train"], data.splits["valid"]
+    train_set = lgb.Dataset(train.X, label=train.y, feature_name=data.feature_names,
+                            categorical_feature=data.categorical, free_raw_data=True)
+    valid_set = lgb.Dataset(valid.X, label=valid.y, reference=train_set)
+    booster = lgb.train(
+        lightgbm_params(task, params, num_class),
+        train_set,
+        num_boost_round=params.num_boost_round,
+        valid_sets=[valid_set],
+        valid_names=["valid"],
+        callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+    )
+    return booster, time.perf_counter() - started
+
+
+def train(task: str, data: ModelData, params: TrainingParams, log=print) -> TrainedModel:
+    """Train once, or run the search first and retrain-free keep the best trial's booster."""
+    started = time.perf_counter()
+    valid = data.splits["valid"]
+    primary = PRIMARY[task]
+    trials: list[Trial] = []
+    best: tuple[float, lgb.Booster, TrainingParams, dict[str, float]] | None = None
+    candidates = search_candidates(params)
+    for index, overrides in enumerate(candidates or [{}]):
+        trial_params = params.with_lightgbm(**overrides) if overrides else params
+        booster, seconds = _fit(task, data, trial_params)
+        metrics = compute_metrics(task, valid.y, predict(booster, valid.X, task))
+        trials.append(Trial(params=trial_params.lightgbm.model_dump(),
+                            best_iteration=booster.best_iteration, valid_metrics=metrics,
+                            seconds=seconds))
+        if candidates:
+            log(f"trial {index + 1}/{len(candidates)} {overrides}: valid {primary}="
+                f"{metrics[primary]:.4f} ({booster.best_iteration} rounds, {seconds:.1f}s)")
+        score = metrics[primary] if HIGHER_IS_BETTER[primary] else -metrics[primary]
+        if best is None or (np.isfinite(score) and score > best[0]):
+            best = (score, booster, trial_params, metrics)
+    assert best is not None
+    _, booster, chosen, metrics = best
+    return TrainedModel(
+        booster=booster,
+        params=chosen,
+        best_iteration=booster.best_iteration,
+        valid_metrics=metrics,
+        trials=trials if candidates else [],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def gain_importance(booster: lgb.Booster) -> dict[str, float]:
+    gains = booster.feature_importance(importance_type="gain")
+    total = float(np.sum(gains)) or 1.0
+    pairs = sorted(zip(booster.feature_name(), gains, strict=True), key=lambda p: -p[1])
+    return {name: float(gain) / total for name, gain in pairs}
