@@ -101,11 +101,11 @@ def load_model_data(
         boundaries = {"valid_from": str(valid_start), "test_from": str(test_start)}
         split_sql = (f"CASE WHEN f.{TIME} >= TIMESTAMP '{test_start}' THEN 'test' "
                      f"WHEN f.{TIME} >= TIMESTAMP '{valid_start}' THEN 'valid' ELSE 'train' END")
-        order = f"f.{TIME}"
+        # Ties in time are ordered by id so the row order, and so the model, is reproducible.
+        order = ", ".join([f"f.{TIME}", *[f"f.{quote(c)}" for c in spec.id_columns], "f.rowid"])
     else:
         split_sql = "NULL"
-        keys = [quote(c) for c in spec.id_columns] or ["f.rowid"]
-        order = ", ".join(keys)
+        order = ", ".join([*[f"f.{quote(c)}" for c in spec.id_columns], "f.rowid"])
     time_item = [f"f.{TIME} AS {TIME}"] if spec.has_time else []
     query = (
         f"SELECT {split_sql} AS {SPLIT}, f.{TARGET} AS {TARGET}, {', '.join(time_item + extra)}"
