@@ -97,7 +97,7 @@ def _vector(values: Any, n: int, name: str = "y_pred") -> np.ndarray:
 
 def _threshold_counts(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True and false positives when predicting positive at or above each distinct score."""
-    order = np.argsort(p, kind="mergesort")[::-1]
+    order = np.argsort(p)[::-1]  # order within a run of ties does not matter: runs are summed
     p_sorted, y_sorted = p[order], y[order]
     # The last row of each run of equal scores: tied rows cross the threshold together.
     ends = np.r_[np.flatnonzero(np.diff(p_sorted)), len(p_sorted) - 1]

@@ -246,16 +246,20 @@ def evaluation_plots(
     if task not in METRICS:
         raise ValueError(f"task must be one of {sorted(METRICS)}; found {task!r}")
     figures: dict[str, Figure] = {}
-    if task == "binary":
+    if task in ("binary", "regression"):
         y = np.asarray(y_true, dtype=np.float64)
         p = np.asarray(y_pred, dtype=np.float64)
+        if y.ndim != 1 or p.shape != y.shape:
+            raise ValueError(
+                f"y_true and y_pred must be 1-d arrays of the same length; "
+                f"found shapes {y.shape} and {p.shape}"
+            )
+    if task == "binary":
         baseline = None if baseline_pred is None else np.asarray(baseline_pred, dtype=np.float64)
         figures["roc"] = _roc_plot(y, p, baseline, split)
         figures["pr"] = _pr_plot(y, p, baseline, split)
         figures["calibration"] = _calibration_plot(y, p, split)
     elif task == "regression":
-        y = np.asarray(y_true, dtype=np.float64)
-        p = np.asarray(y_pred, dtype=np.float64)
         figures["residuals"] = _residuals_plot(y, p, split)
         figures["predicted_vs_actual"] = _predicted_vs_actual_plot(y, p, split)
     else:
@@ -301,7 +305,7 @@ def _format(value: Any) -> str:
 
 
 def _metric_columns(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-    """(column header, metrics) for the test, valid, other splits, then the baseline's."""
+    """(column header, metrics): test, valid, other splits, the baseline's, the champion's."""
     splits = report.get("metrics") or {}
     ordered = [s for s in ("test", "valid") if s in splits] + [
         s for s in splits if s not in ("test", "valid")
@@ -309,6 +313,12 @@ def _metric_columns(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, A
     columns = [(split, splits[split] or {}) for split in ordered]
     for split, metrics in (report.get("baseline") or {}).items():
         columns.append((f"baseline ({split})", metrics or {}))
+    champion = report.get("champion")
+    # The champion scored on the same test rows, when the pipeline passes it along.
+    if isinstance(champion, Mapping) and isinstance(champion.get("test"), Mapping):
+        version = champion.get("version")
+        label = f"champion {version} (test)" if version else "champion (test)"
+        columns.append((label, champion["test"]))
     return columns
 
 
@@ -412,34 +422,68 @@ def _html_table(header: list[str], rows: list[list[str]], numeric_from: int = 1)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _records_html(records: list[Mapping[str, Any]], first: str | None = None) -> str:
+    """A table of dicts: one row each, one column per key seen (`first` leading)."""
+    header: list[str] = []
+    for record in records:
+        header += [key for key in record if key not in header]
+    if first in header:
+        header.remove(first)
+        header.insert(0, first)
+    rows = [[_format(record.get(key)) for key in header] for record in records]
+    return _html_table(header, rows)
+
+
+def _is_records(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
+_DECISIONS = {"promote": True, "promoted": True, "refuse": False, "refused": False}
+
+
 def _promotion_html(promotion: Any) -> str:
+    """The decision as a badge, then its details; a list of dicts (the checks) as a table."""
     parts = ["<h2>Promotion</h2>"]
-    if isinstance(promotion, Mapping):
-        promoted = promotion.get("promoted")
-        if isinstance(promoted, bool | np.bool_):
-            css, text = ("promoted", "Promoted") if promoted else ("refused", "Not promoted")
-            parts.append(f'<p class="decision {css}">{text}</p>')
-        details = [[str(key), _format(value)] for key, value in promotion.items()]
-        parts.append(_html_table(["", "value"], details, numeric_from=2))
-    else:
+    if not isinstance(promotion, Mapping):
         parts.append(f"<p>{html.escape(_format(promotion))}</p>")
+        return "\n".join(parts)
+    promoted = promotion.get("promoted")
+    if not isinstance(promoted, bool | np.bool_):
+        promoted = _DECISIONS.get(str(promotion.get("decision", "")).lower())
+    if promoted is not None:
+        css, text = ("promoted", "Promoted") if promoted else ("refused", "Not promoted")
+        parts.append(f'<p class="decision {css}">{text}</p>')
+    if promotion.get("reason"):
+        parts.append(f"<p>{html.escape(str(promotion['reason']))}</p>")
+    details = [
+        [str(key), _format(value)]
+        for key, value in promotion.items()
+        if key not in ("reason", "promoted", "decision") and not _is_records(value)
+    ]
+    if details:
+        parts.append(_html_table(["detail", "value"], details, numeric_from=2))
+    for key, value in promotion.items():
+        if _is_records(value):
+            parts.append(f"<h3>{html.escape(str(key))}</h3>\n{_records_html(value)}")
     return "\n".join(parts)
 
 
-def _slices_html(slices: Any) -> str:
-    if not isinstance(slices, Mapping) or not slices.get("rows"):
-        return ""
-    rows: list[Mapping[str, Any]] = slices["rows"]
-    header: list[str] = []
-    for row in rows:
-        header += [key for key in row if key not in header]
-    if "slice" in header:
-        header.remove("slice")
-        header.insert(0, "slice")
-    table = _html_table(header, [[_format(row.get(key)) for key in header] for row in rows])
-    column = html.escape(str(slices.get("column", "")))
-    title = f"Metrics by <code>{column}</code> (test)" if column else "Metrics by slice (test)"
-    return f"<h2>{title}</h2>\n{table}"
+def _slices_html(report: Mapping[str, Any]) -> str:
+    """One table per slice column: `slices_by_column` when present, else `slices`."""
+    by_column = report.get("slices_by_column")
+    if not isinstance(by_column, Mapping) or not by_column:
+        slices = report.get("slices")
+        if not isinstance(slices, Mapping) or not slices.get("rows"):
+            return ""
+        by_column = {slices.get("column") or "": slices["rows"]}
+    sections = []
+    for column, rows in by_column.items():
+        if not _is_records(rows):
+            continue
+        name = html.escape(str(column))
+        title = f"Metrics by <code>{name}</code> (test)" if name else "Metrics by slice (test)"
+        sections.append(f"<h2>{title}</h2>\n{_records_html(rows, first='slice')}")
+    return "\n".join(sections)
 
 
 def _report_html(report: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
@@ -460,7 +504,7 @@ def _report_html(report: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
     header, rows = _metric_rows(report)
     sections.append("<h2>Metrics</h2>")
     sections.append(_html_table(header, rows) if rows else "<p>No metrics in the report.</p>")
-    sections.append(_slices_html(report.get("slices")))
+    sections.append(_slices_html(report))
     if plots:
         figures = "".join(
             "<figure>"
