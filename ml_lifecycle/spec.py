@@ -290,6 +290,9 @@ class DatasetSpec(StrictModel):
     json_columns: list[str] = Field(default_factory=list)
     valid_ranges: dict[str, tuple[float | None, float | None]] = Field(default_factory=dict)
     max_categories: int = Field(1000, ge=2)
+    unknown_categories: Literal["reject", "score"] = Field(
+        "reject", description="Serving: answer 400 to a category the model never saw (for "
+        "vocabularies below max_categories), or score it as missing.")
     references: list[Reference] = Field(default_factory=list)
     aggregates: list[Aggregate] = Field(default_factory=list)
     split: Split = Split()

@@ -45,6 +45,7 @@ class CleaningPlan:
     roles: dict[str, str]  # cleaned column -> id|time|target|numeric|categorical|text|json|boolean|temporal|aggregate_input
     lineage: dict[str, list[tuple[str, str]]]  # cleaned column -> [(raw asset, raw column)]
     bad_value_sql: str | None = None  # one-row query: rows nulled per column
+    prepare_sql: list[str] = field(default_factory=list)  # serving: run once at start
     stats_sql: str = ""
 
 
@@ -99,8 +100,22 @@ def _check_expression(conn: duckdb.DuckDBPyConnection, where: str, key: str, exp
         raise SpecError(f"{where}: {key}: invalid expression {expr!r}: {message}") from None
 
 
-def build_cleaning(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> CleaningPlan:
-    """Check the spec against the raw tables and build the cleaning statement."""
+REQUEST_ROW = "__request_row"
+
+
+def build_cleaning(
+    conn: duckdb.DuckDBPyConnection,
+    spec: DatasetSpec,
+    serving: bool = False,
+    request_relation: str = "__request",
+) -> CleaningPlan:
+    """Check the spec against the raw tables and build the cleaning statement.
+
+    With `serving=True` the statement reads the primary rows from `request_relation` (same
+    columns as the raw table plus `__request_row`), keeps every row in request order (no
+    dedup, no time filter) and carries `__request_row` through: the service cleans requests
+    with exactly the rules the pipeline used.
+    """
     where = f"dataset spec {spec.spec_path or spec.name}"
     primary_table = spec.raw_asset_names()[0]
     primary = _data_columns(flatten_columns(conn, primary_table))
@@ -151,6 +166,8 @@ def build_cleaning(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> Cleani
         _missing(f"{where} ({primary_table})", "time_column", [spec.time_column], primary)
 
     flat_primary = _flat_view_sql(primary_table, list(primary.values()))
+    flat_source = (_flat_view_sql(request_relation, list(primary.values()), [REQUEST_ROW])
+                   if serving else flat_primary)
     if spec.time_expression:
         _check_expression(conn, where, "time_expression", spec.time_expression, flat_primary)
     if spec.target_expression:
@@ -158,12 +175,13 @@ def build_cleaning(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> Cleani
     time_sql = f"CAST(({spec.time_sql}) AS TIMESTAMP)" if spec.has_time else "NULL::TIMESTAMP"
     target_type = {"binary": "INTEGER", "multiclass": "VARCHAR", "regression": "DOUBLE"}[spec.task]
     target_sql = f"CAST(({spec.target_sql}) AS {target_type})"
-    with_time = f"(SELECT *, {time_sql} AS {TIME}, {target_sql} AS {TARGET} FROM {flat_primary})"
+    with_time = f"(SELECT *, {time_sql} AS {TIME}, {target_sql} AS {TARGET} FROM {flat_source})"
+    checkable = f"(SELECT *, {time_sql} AS {TIME}, {target_sql} AS {TARGET} FROM {flat_primary})"
     for agg in spec.aggregates:
         key = f"aggregates.{agg.name}"
-        _check_expression(conn, where, f"{key}.value", agg.value, with_time)
+        _check_expression(conn, where, f"{key}.value", agg.value, checkable)
         if agg.known_at:
-            _check_expression(conn, where, f"{key}.known_at", agg.known_at, with_time)
+            _check_expression(conn, where, f"{key}.known_at", agg.known_at, checkable)
 
     # -- roles of the cleaned columns -------------------------------------------------------
     dropped = set(spec.drop_columns)
@@ -230,7 +248,8 @@ def build_cleaning(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> Cleani
     lineage[TARGET] = [(primary_table, c.origin) for c in _referenced(spec.target_sql, primary)]
 
     for column in primary.values():
-        if column.name in ids or column.name in dropped:
+        # The target travels as __target only: a copy under its own name would be a feature.
+        if column.name in ids or column.name in dropped or column.name == spec.target:
             continue
         role = role_of(column.name, column.dtype)
         roles[column.name] = role
@@ -245,6 +264,7 @@ def build_cleaning(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> Cleani
 
     joins: list[str] = []
     ctes: list[str] = []
+    prepare: list[str] = []
     for index, ref in enumerate(spec.references):
         alias = f"r{index}"
         table = f"raw_{ref.name}"
@@ -269,20 +289,33 @@ def build_cleaning(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> Cleani
             if ref.time_column:
                 ref_time = columns[ref.time_column].expr
             time_expr = f"CAST(({ref_time}) AS TIMESTAMP)"
-            ctes.append(
-                f"{alias} AS (SELECT {', '.join(key_select + value_select)}, {time_expr} AS __ref_time "
-                f"FROM {quote(table)} WHERE {time_expr} IS NOT NULL "
-                f"QUALIFY row_number() OVER (PARTITION BY {partition}, {time_expr} {order}) = 1)"
-            )
+            body = (f"SELECT {', '.join(key_select + value_select)}, {time_expr} AS __ref_time "
+                    f"FROM {quote(table)} WHERE {time_expr} IS NOT NULL "
+                    f"QUALIFY row_number() OVER (PARTITION BY {partition}, {time_expr} {order}) = 1")
+            if serving:
+                # Prepared once when the service starts; a request reads only the observations
+                # its batch can use.
+                prepare.append(f"CREATE OR REPLACE TABLE __ref_{alias} AS {body} "
+                               f"ORDER BY __ref_time")
+                window = f"__ref_time <= (SELECT max({TIME}) FROM p)"
+                if ref.max_age is not None:
+                    window += (f" AND __ref_time >= (SELECT min({TIME}) FROM p) - "
+                               f"{duration_sql(ref.max_age)}")
+                ctes.append(f"{alias} AS (SELECT * FROM __ref_{alias} WHERE {window})")
+            else:
+                ctes.append(f"{alias} AS ({body})")
             if not spec.has_time:
                 raise SpecError(f"{where}: references.{ref.name}: a reference with a time needs "
                                 "the dataset's time_column or time_expression")
             joins.append(f"ASOF LEFT JOIN {alias} ON {on} AND p.{TIME} >= {alias}.__ref_time")
         else:
-            ctes.append(
-                f"{alias} AS (SELECT {', '.join(key_select + value_select)} FROM {quote(table)} "
-                f"QUALIFY row_number() OVER (PARTITION BY {partition} {order}) = 1)"
-            )
+            body = (f"SELECT {', '.join(key_select + value_select)} FROM {quote(table)} "
+                    f"QUALIFY row_number() OVER (PARTITION BY {partition} {order}) = 1")
+            if serving:
+                prepare.append(f"CREATE OR REPLACE TABLE __ref_{alias} AS {body}")
+                ctes.append(f"{alias} AS (SELECT * FROM __ref_{alias})")
+            else:
+                ctes.append(f"{alias} AS ({body})")
             joins.append(f"LEFT JOIN {alias} ON {on}")
         for output, column in chosen:
             source_name = f"__v_{column}" if column in ref.keys.values() else column
@@ -322,6 +355,10 @@ def build_cleaning(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> Cleani
         f"ORDER BY {INGESTED_AT} DESC, {SOURCE_FILE} DESC) = 1)"
     )
     order_by = f" ORDER BY p.{TIME}" if spec.has_time else ""
+    if serving:
+        dedup = f"p AS ({with_aggs})"
+        select.append(f"p.{REQUEST_ROW}")
+        order_by = f" ORDER BY p.{REQUEST_ROW}"
     sql = (
         f"WITH {', '.join([dedup, *ctes])} SELECT {', '.join(select)} "
         f"FROM p {' '.join(joins)}{order_by}"
@@ -335,12 +372,12 @@ def build_cleaning(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> Cleani
     bad_sql = (f"SELECT {', '.join(bad_value_checks)} FROM {flat_primary}"
                if bad_value_checks else None)
     return CleaningPlan(sql=sql, roles=roles, lineage=lineage, bad_value_sql=bad_sql,
-                        stats_sql=stats)
+                        stats_sql=stats, prepare_sql=prepare)
 
 
-def _flat_view_sql(table: str, columns: list[FlatColumn]) -> str:
+def _flat_view_sql(table: str, columns: list[FlatColumn], extra: list[str] | None = None) -> str:
     parts = [f"{c.expr} AS {quote(c.name)}" for c in columns]
-    parts += [quote(c) for c in LINEAGE_COLUMNS]
+    parts += [quote(c) for c in [*LINEAGE_COLUMNS, *(extra or [])]]
     return f"(SELECT {', '.join(parts)} FROM {quote(table)})"
 
 

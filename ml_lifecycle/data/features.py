@@ -84,12 +84,22 @@ def _enum_type(values: list[str]) -> str:
 
 
 def feature_select_sql(
-    state: FeatureState, alias: str = "c", aggregate_source: dict[str, str] | None = None
+    state: FeatureState,
+    alias: str = "c",
+    aggregate_source: dict[str, str] | None = None,
+    enum_types: dict[str, str] | None = None,
 ) -> list[str]:
     """SELECT items turning a cleaned-shaped relation `alias` into the feature columns.
 
     Aggregates are read from `alias` unless `aggregate_source` maps them to other expressions.
+    `enum_types` names pre-created ENUM types per categorical feature (the service creates them
+    once instead of parsing the vocabulary in every request).
     """
+    enum_types = enum_types or {}
+
+    def enum_type(name: str) -> str:
+        return enum_types.get(name) or _enum_type(state.categories.get(name, []))
+
     items: list[str] = []
     col = lambda name: f"{alias}.{quote(name)}"  # noqa: E731
     aggregate_source = aggregate_source or {}
@@ -102,16 +112,15 @@ def feature_select_sql(
         elif feature.kind == "boolean":
             items.append(f"CAST({col(name)} AS TINYINT) AS {quote(name)}")
         elif feature.kind == "categorical":
-            values = state.categories[name]
-            items.append(f"TRY_CAST(CAST({col(name)} AS VARCHAR) AS {_enum_type(values)}) "
+            items.append(f"TRY_CAST(CAST({col(name)} AS VARCHAR) AS {enum_type(name)}) "
                          f"AS {quote(name)}")
         elif feature.kind == "time":
             items.append(f"{TIME_PARTS[name].replace(TIME, col(TIME))} AS {quote(name)}")
     for source, buckets in state.text_buckets.items():
         hashed = (f"list_transform(list_filter(regexp_split_to_array(lower({col(source)}), "
-                  f"'[^a-z0-9]+'), t -> t <> ''), t -> md5_number_lower(t) % {buckets})")
+                  f"'[^a-z0-9]+'), lambda t: t <> ''), lambda t: md5_number_lower(t) % {buckets})")
         for bucket in range(buckets):
-            items.append(f"CAST(list_count(list_filter({hashed}, b -> b = {bucket})) AS SMALLINT) "
+            items.append(f"CAST(list_count(list_filter({hashed}, lambda b: b = {bucket})) AS SMALLINT) "
                          f"AS {quote(f'{source}__h{bucket}')}")
     for source, fields in state.json_fields.items():
         for json_field in fields:
@@ -121,8 +130,7 @@ def feature_select_sql(
             if json_field.kind == "numeric":
                 items.append(f"TRY_CAST({extracted} AS DOUBLE) AS {quote(name)}")
             else:
-                values = state.categories.get(name, [])
-                items.append(f"TRY_CAST({extracted} AS {_enum_type(values)}) AS {quote(name)}")
+                items.append(f"TRY_CAST({extracted} AS {enum_type(name)}) AS {quote(name)}")
     return items
 
 

@@ -1,0 +1,447 @@
+"""The serving runtime: request rows -> the pipeline's own cleaning and feature SQL -> prediction.
+
+No Dagster and no BentoML here (the BentoML service is a thin shell around it), so tests and
+benchmarks drive it directly. One request batch goes through:
+1. the cleaning statement of `data/cleaning.py` built in serving mode, run by an in-memory DuckDB
+   that holds the exported reference tables (weather as of the request's time, planes, ...);
+2. history aggregates from the online store (same definition as offline);
+3. `feature_select_sql` and `matrix_select_sql` of the model version being served;
+4. LightGBM; every prediction appended to the worker's inference log.
+The champion is re-read from the registry when its alias changes and swapped in one assignment:
+requests in flight finish on the model they started with, none fail.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import lightgbm as lgb
+import numpy as np
+import pyarrow as pa
+
+from ml_lifecycle.data.cleaning import (
+    AGG_KNOWN_AT,
+    AGG_VALUE,
+    REQUEST_ROW,
+    build_cleaning,
+    flatten_columns,
+)
+from ml_lifecycle.data.features import FeatureState, feature_select_sql
+from ml_lifecycle.data.sources import quote, sql_literal
+from ml_lifecycle.serving.inference_log import InferenceLog
+from ml_lifecycle.serving.online_store import MemoryOnlineStore, OnlineStore
+from ml_lifecycle.serving.snapshot import current_snapshot
+from ml_lifecycle.spec import TIME, DatasetSpec
+from ml_lifecycle.training.dataset import matrix_select_sql
+from ml_lifecycle.training.registry import ModelRegistry
+
+_PY_TYPES = {
+    "BIGINT": int, "INTEGER": int, "SMALLINT": int, "TINYINT": int, "HUGEINT": int,
+    "UBIGINT": int, "UINTEGER": int, "USMALLINT": int, "UTINYINT": int,
+    "DOUBLE": float, "FLOAT": float, "REAL": float, "DECIMAL": float,
+    "VARCHAR": str, "BOOLEAN": bool, "TIMESTAMP": datetime, "TIMESTAMP_NS": datetime,
+    "TIMESTAMP WITH TIME ZONE": datetime, "DATE": date,
+}
+
+
+class RequestError(ValueError):
+    """A request a client must fix (answered 400); the message names the field."""
+
+
+@dataclass(frozen=True)
+class RequestField:
+    name: str
+    dtype: str
+    python_type: type
+    required: bool
+    description: str = ""
+
+
+@dataclass
+class LoadedModel:
+    version: str
+    booster: lgb.Booster
+    state: FeatureState
+    metadata: dict[str, Any]
+    matrix_sql: str = ""
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.metadata.get("classes")
+
+
+@dataclass
+class ScoreResult:
+    predictions: list[dict[str, Any]]
+    features: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _referenced(expr: str | None, names: list[str]) -> set[str]:
+    import re
+
+    if not expr:
+        return set()
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", expr))
+    return {n for n in names if n in words}
+
+
+class ServingRuntime:
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        store: OnlineStore | None = None,
+        log_dir: Path | None = None,
+        shadow: bool = False,
+        watch_interval: float | None = 1.0,
+        snapshot: Path | None = None,
+        max_batch: int = 10_000,
+    ) -> None:
+        self.spec = spec
+        self.paths = spec.paths()
+        self.registry = ModelRegistry(self.paths.registry)
+        self.max_batch = max_batch
+        self.shadow_enabled = shadow
+        self.snapshot = Path(snapshot) if snapshot else current_snapshot(spec)
+        self.db = duckdb.connect()
+        self._local = threading.local()
+        primary = spec.raw_asset_names()[0]
+        for parquet in sorted(self.snapshot.glob("raw_*.parquet")):
+            self.db.execute(f"CREATE TABLE {quote(parquet.stem)} AS SELECT * FROM "
+                            f"read_parquet({sql_literal(str(parquet))})")
+        self.raw_schema = self.db.sql(f"SELECT * FROM {quote(primary)}").to_arrow_table().schema
+        self.request_schema = self.raw_schema.append(pa.field(REQUEST_ROW, pa.int64()))
+        self.plan = build_cleaning(self.db, spec, serving=True, request_relation="__request")
+        for statement in self.plan.prepare_sql:
+            self.db.execute(statement)
+        # Parse the cleaning statement once: requests query a view over their own `__request`.
+        self.db.register("__request", pa.Table.from_pylist([], schema=self.request_schema))
+        self.db.execute(f"CREATE VIEW __clean AS {self.plan.sql}")
+        self.db.unregister("__request")
+        self._models_prepared = 0
+        self.fields = self._request_fields(primary)
+        self.event_fields = self._event_fields(primary)
+        self.store = store if store is not None else MemoryOnlineStore()
+        self.seeded_events = self._seed_store() if store is None else 0
+        self.log = InferenceLog(log_dir or self.paths.inference)
+        self.model = self._load(self._champion_version())
+        self.shadow = self._load_shadow()
+        self._aliases_mtime = self._alias_mtime()
+        self._stop = threading.Event()
+        self.swaps = 0
+        if watch_interval:
+            self._watcher = threading.Thread(target=self._watch, args=(watch_interval,),
+                                             daemon=True, name="champion-watcher")
+            self._watcher.start()
+
+    # -- schema ---------------------------------------------------------------------------
+    def _request_fields(self, primary: str) -> list[RequestField]:
+        """Raw primary columns a client sends: those the cleaned table keeps, minus target."""
+        spec = self.spec
+        flat = flatten_columns(self.db, primary)
+        raw_names = [f.name for f in self.raw_schema]
+        used_roots = {c.origin for c in flat if c.name in self.plan.roles}
+        used_roots |= _referenced(spec.time_sql, raw_names)
+        required = set(spec.id_columns) | _referenced(spec.time_sql, raw_names)
+        for ref in spec.references:
+            required |= set(ref.keys)
+        for aggregate in spec.aggregates:
+            required |= set(aggregate.keys)
+        target_roots = {spec.target} if spec.target else set()
+        return self._fields(primary, [n for n in raw_names if (n in used_roots - target_roots
+                                      and n not in spec.drop_columns)
+                                      or n in _referenced(spec.time_sql, raw_names)], required)
+
+    def _event_fields(self, primary: str) -> list[RequestField]:
+        """Events (the feed that keeps aggregates current) may carry every raw column."""
+        raw_names = [f.name for f in self.raw_schema if not f.name.startswith("__")]
+        required = {f.name for f in self.fields if f.required}
+        return self._fields(primary, raw_names, required)
+
+    def _fields(self, primary: str, names: list[str], required: set[str]) -> list[RequestField]:
+        described = dict(self.db.execute("SELECT column_name, data_type FROM "
+                                         "information_schema.columns WHERE table_name = ?",
+                                         [primary]).fetchall())
+        out = []
+        for name in names:
+            dtype = described[name]
+            python_type = _PY_TYPES.get(dtype.split("(")[0].upper(), dict if dtype.startswith(
+                "STRUCT") else str)
+            out.append(RequestField(name, dtype, python_type, name in required))
+        return out
+
+    # -- models ---------------------------------------------------------------------------
+    def _champion_version(self) -> str:
+        version = self.registry.alias("champion")
+        if version is None:
+            raise RuntimeError(f"no champion in {self.registry.root}: train and promote a model "
+                               "first (training_pipeline)")
+        return version
+
+    def _load(self, version: str) -> LoadedModel:
+        loaded = self.registry.load(version)
+        model = LoadedModel(version=version, booster=loaded.booster(), state=loaded.state,
+                            metadata=loaded.metadata)
+        model.matrix_sql = self._prepare_matrix(model)
+        return model
+
+    def _load_shadow(self) -> LoadedModel | None:
+        if not self.shadow_enabled:
+            return None
+        challenger = self.registry.alias("challenger")
+        if challenger and challenger != self.model.version:
+            return self._load(challenger)
+        return None
+
+    def _alias_mtime(self) -> float:
+        file = self.registry.root / "aliases.json"
+        return file.stat().st_mtime_ns if file.exists() else 0
+
+    def reload_if_changed(self) -> bool:
+        """Swap to the registry's champion (and shadow challenger) if an alias moved."""
+        mtime = self._alias_mtime()
+        if mtime == self._aliases_mtime:
+            return False
+        self._aliases_mtime = mtime
+        version = self._champion_version()
+        changed = False
+        if version != self.model.version:
+            self.model = self._load(version)  # one assignment: the swap
+            self.swaps += 1
+            changed = True
+        if self.shadow_enabled:
+            self.shadow = self._load_shadow()
+        return changed
+
+    def _watch(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.reload_if_changed()
+            except Exception:  # a half-written registry: try again next tick
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # -- SQL ------------------------------------------------------------------------------
+    def _prepare_matrix(self, model: LoadedModel) -> str:
+        """Create the model's ENUM types and matrix view once; returns the per-request query."""
+        state = model.state
+        self._models_prepared += 1
+        tag = f"m{self._models_prepared}"
+        enum_types = {}
+        for index, (name, levels) in enumerate(state.categories.items()):
+            type_name = f"__enum_{tag}_{index}"
+            values = ", ".join(sql_literal(v) for v in levels) or "'(none)'"
+            self.db.execute(f"CREATE TYPE {type_name} AS ENUM ({values})")
+            enum_types[name] = type_name
+        aggregates = {name: f"c.{quote(name)}" for name in state.aggregates}
+        features = feature_select_sql(state, "c", aggregates, enum_types)
+        matrix = [item.replace(' AS "', ' AS "__m_') for item in matrix_select_sql(state, "f")]
+        sample = self._with_aggregates(self._empty_cleaned())
+        self.db.register("__cleaned", sample)
+        self.db.execute(
+            f"CREATE VIEW __matrix_{tag} AS SELECT f.*, {', '.join(matrix)} "
+            f"FROM (SELECT c.{REQUEST_ROW}, {', '.join(features)} FROM __cleaned c) f "
+            f"ORDER BY f.{REQUEST_ROW}")
+        self.db.unregister("__cleaned")
+        return f"SELECT * FROM __matrix_{tag}"
+
+    def _empty_cleaned(self) -> pa.Table:
+        self.db.register("__request", pa.Table.from_pylist([], schema=self.request_schema))
+        try:
+            return self.db.sql("SELECT * FROM __clean").to_arrow_table()
+        finally:
+            self.db.unregister("__request")
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            cursor = self.db.cursor()
+            self._local.cursor = cursor
+        return cursor
+
+    def _request_table(self, records: list[dict[str, Any]]) -> pa.Table:
+        rows = [{**record, REQUEST_ROW: index} for index, record in enumerate(records)]
+        table = pa.Table.from_pylist(rows, schema=self.request_schema)
+        return table
+
+    def _clean(self, records: list[dict[str, Any]]) -> pa.Table:
+        cursor = self._cursor()
+        cursor.register("__request", self._request_table(records))
+        try:
+            cleaned = cursor.sql("SELECT * FROM __clean").to_arrow_table()
+        finally:
+            cursor.unregister("__request")
+        if self.spec.has_time and cleaned.column(TIME).null_count:
+            bad = cleaned.column(TIME).to_pylist().index(None)
+            raise RequestError(f"record {bad}: the time ({self.spec.time_sql}) cannot be computed "
+                               "from its fields")
+        return cleaned
+
+    def _with_aggregates(self, cleaned: pa.Table) -> pa.Table:
+        if not self.spec.aggregates:
+            return cleaned
+        times = cleaned.column(TIME).to_numpy(zero_copy_only=False)
+        for aggregate in self.spec.aggregates:
+            key_columns = [cleaned.column(k).to_pylist() for k in aggregate.keys]
+            keys = list(zip(*key_columns, strict=True))
+            stats = self.store.query(aggregate, keys, times)
+            for stat in aggregate.statistics:
+                values = [row[stat] for row in stats]
+                dtype = pa.int64() if stat == "count" else pa.float64()
+                cleaned = cleaned.append_column(f"{aggregate.name}_{stat}",
+                                                pa.array(values, type=dtype))
+        return cleaned
+
+    def _check_categories(self, cleaned: pa.Table, model: LoadedModel) -> None:
+        if self.spec.unknown_categories != "reject":
+            return
+        for name, levels in model.state.categories.items():
+            if len(levels) >= self.spec.max_categories or name not in cleaned.column_names:
+                continue  # capped vocabulary: rare levels are expected
+            known = set(levels)
+            for index, value in enumerate(cleaned.column(name).to_pylist()):
+                if value is not None and str(value) not in known:
+                    raise RequestError(
+                        f"record {index}: field {name!r}: unknown category {value!r} "
+                        f"(the model knows {len(levels)} levels)")
+
+    def _score_matrix(self, features: pa.Table, model: LoadedModel) -> tuple[np.ndarray, pa.Table]:
+        cursor = self._cursor()
+        cursor.register("__cleaned", features)
+        try:
+            scored = cursor.sql(model.matrix_sql).to_arrow_table()
+        finally:
+            cursor.unregister("__cleaned")
+        names = [n for n in scored.column_names if n.startswith("__m_")]
+        matrix = np.column_stack([scored.column(n).to_numpy(zero_copy_only=False)
+                                  .astype(np.float32) for n in names]) if names else np.empty(
+            (scored.num_rows, 0), np.float32)
+        prediction = np.asarray(model.booster.predict(matrix))
+        readable = scored.select([n for n in scored.column_names
+                                  if not n.startswith("__m_") and n != REQUEST_ROW])
+        return prediction, readable
+
+    def _present(self, prediction: Any, model: LoadedModel) -> dict[str, Any]:
+        task = self.spec.task
+        if task == "binary":
+            p = float(prediction)
+            return {"prediction": p, "label": int(p >= 0.5)}
+        if task == "multiclass":
+            classes = model.classes or []
+            probabilities = {c: float(v) for c, v in zip(classes, prediction, strict=True)}
+            return {"prediction": classes[int(np.argmax(prediction))],
+                    "probabilities": probabilities}
+        return {"prediction": float(prediction)}
+
+    # -- public API -----------------------------------------------------------------------
+    def score(self, records: list[dict[str, Any]], request_ids: list[str] | None = None,
+              log: bool = True) -> list[dict[str, Any]]:
+        """Predictions for raw records (the request fields), in order; logs each one."""
+        if not records:
+            raise RequestError("the batch is empty: send at least one record")
+        if len(records) > self.max_batch:
+            raise RequestError(f"the batch has {len(records)} records; at most {self.max_batch}")
+        model = self.model  # pinned: a swap during this request does not affect it
+        shadow = self.shadow
+        cleaned = self._with_aggregates(self._clean(records))
+        self._check_categories(cleaned, model)
+        prediction, readable = self._score_matrix(cleaned, model)
+        shadow_prediction = None
+        if shadow is not None:
+            shadow_prediction, _ = self._score_matrix(cleaned, shadow)
+        ids = request_ids or [uuid.uuid4().hex for _ in records]
+        results = []
+        for index in range(len(records)):
+            results.append({"request_id": ids[index], "model_version": model.version,
+                            **self._present(prediction[index], model)})
+        if log:
+            self._log(results, readable, cleaned, prediction, shadow, shadow_prediction, records)
+        return results
+
+    def _log(self, results, readable: pa.Table, cleaned: pa.Table, prediction, shadow,
+             shadow_prediction, records) -> None:
+        now = self.log.now()
+        feature_rows = readable.to_pylist()
+        times = cleaned.column(TIME).to_pylist() if self.spec.has_time else [None] * len(results)
+        ids = {name: cleaned.column(name).to_pylist() for name in self.spec.id_columns
+               if name in cleaned.column_names}
+        lines = []
+        for index, result in enumerate(results):
+            line = {
+                "request_id": result["request_id"],
+                "logged_at": now,
+                "event_time": times[index],
+                "model_version": result["model_version"],
+                "ids": {name: values[index] for name, values in ids.items()},
+                "features": feature_rows[index],
+                "prediction": result["prediction"],
+            }
+            if shadow is not None and shadow_prediction is not None:
+                line["shadow"] = {"model_version": shadow.version,
+                                  **self._present(shadow_prediction[index], shadow)}
+            lines.append(line)
+        self.log.predictions.write(lines)
+
+    def ingest_events(self, records: list[dict[str, Any]]) -> int:
+        """Feed events (rows with their outcomes) to the online store; returns values added."""
+        if not records:
+            return 0
+        cleaned = self._clean(records)
+        added = 0
+        for aggregate in self.spec.aggregates:
+            value = cleaned.column(AGG_VALUE.format(aggregate.name)).to_pylist()
+            known = cleaned.column(AGG_KNOWN_AT.format(aggregate.name)).to_numpy(
+                zero_copy_only=False)
+            keys = list(zip(*[cleaned.column(k).to_pylist() for k in aggregate.keys],
+                            strict=True))
+            mask = [v is not None for v in value]
+            added += self.store.add(
+                aggregate, [k for k, m in zip(keys, mask, strict=True) if m],
+                known[np.array(mask, dtype=bool)] if len(mask) else known,
+                [v for v in value if v is not None])
+        return added
+
+    def record_labels(self, labels: list[dict[str, Any]]) -> int:
+        """Ground truth as it arrives: {request_id, label} (or the id columns and label)."""
+        now = self.log.now()
+        lines = [{"logged_at": now, **label} for label in labels]
+        self.log.labels.write(lines)
+        return len(lines)
+
+    def _seed_store(self) -> int:
+        added = 0
+        for aggregate in self.spec.aggregates:
+            path = self.snapshot / f"events_{aggregate.name}.parquet"
+            if not path.exists():
+                continue
+            frame = self.db.sql(f"SELECT * FROM read_parquet({sql_literal(str(path))})").pl()
+            keys = list(zip(*[frame[k].to_list() for k in aggregate.keys], strict=True))
+            added += self.store.add(aggregate, keys, frame["known_at"].to_numpy(),
+                                    frame["value"].to_list())
+        return added
+
+    def describe(self) -> dict[str, Any]:
+        return {"dataset": self.spec.name, "task": self.spec.task,
+                "model_version": self.model.version,
+                "shadow_version": self.shadow.version if self.shadow else None,
+                "snapshot": self.snapshot.name, "swaps": self.swaps,
+                "request_fields": {f.name: {"type": f.dtype, "required": f.required}
+                                   for f in self.fields}}
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+

@@ -1,0 +1,161 @@
+"""The BentoML service: a thin HTTP shell around `ServingRuntime`.
+
+Run: `bentoml serve ml_lifecycle.serving.service:Predictor --host 127.0.0.1 --port 3000`
+(`make serve`). The dataset comes from ML_LIFECYCLE_DATASET / ML_LIFECYCLE_HOME, the model from
+the registry's `champion` alias (followed live: a promotion or rollback swaps the model without
+a restart). Set ML_LIFECYCLE_SHADOW=1 to also score the challenger (logged, not returned).
+
+Routes: POST /predict (one record, the bare JSON object), POST /predict_batch ({"records": [...]}),
+POST /events ({"events": [...]}: rows with their outcomes, keeping history features current),
+POST /labels ({"labels": [{"request_id": ..., "label": ...}]}), POST /model (what is served).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date, datetime
+from typing import Annotated, Any
+
+import bentoml
+from bentoml.exceptions import InvalidArgument
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ml_lifecycle.serving.runtime import RequestError, RequestField, ServingRuntime
+from ml_lifecycle.settings import dataset_spec_path
+from ml_lifecycle.spec import load_spec
+
+MAX_BATCH = int(os.environ.get("ML_LIFECYCLE_MAX_BATCH", "10000"))
+MAX_BODY_BYTES = int(os.environ.get("ML_LIFECYCLE_MAX_BODY_BYTES", str(16 * 1024 * 1024)))
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _model(name: str, fields: list[RequestField], all_optional: bool = False) -> type[BaseModel]:
+    definitions: dict[str, Any] = {}
+    for spec_field in fields:
+        python_type: Any = spec_field.python_type
+        if python_type is datetime:
+            python_type = Annotated[datetime, Field(strict=False)]  # ISO strings from JSON
+        elif python_type is date:
+            python_type = Annotated[date, Field(strict=False)]
+        elif python_type is float:
+            python_type = Annotated[float, Field(strict=False, allow_inf_nan=False)]
+        if spec_field.required and not all_optional:
+            definitions[spec_field.name] = (python_type, Field(description=spec_field.dtype))
+        else:
+            definitions[spec_field.name] = (python_type | None,
+                                            Field(None, description=spec_field.dtype))
+    return create_model(name, __config__=STRICT, **definitions)
+
+
+RUNTIME = ServingRuntime(
+    load_spec(dataset_spec_path()),
+    shadow=os.environ.get("ML_LIFECYCLE_SHADOW", "") not in ("", "0", "false"),
+    max_batch=MAX_BATCH,
+)
+Record = _model("Record", RUNTIME.fields)
+Event = _model("Event", RUNTIME.event_fields)
+
+
+class Batch(BaseModel):
+    model_config = STRICT
+    records: list[Record] = Field(min_length=1, max_length=MAX_BATCH)  # type: ignore[valid-type]
+
+
+class Events(BaseModel):
+    model_config = STRICT
+    events: list[Event] = Field(min_length=1, max_length=MAX_BATCH)  # type: ignore[valid-type]
+
+
+class Label(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    request_id: str = Field(min_length=1, max_length=200)
+    label: float | int | str | bool
+
+
+class Labels(BaseModel):
+    model_config = STRICT
+    labels: list[Label] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class JsonOnly:
+    """Reject non-JSON POST bodies (415) and bodies over the size limit (413) before parsing."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+            length = headers.get("content-length")
+            if content_type and content_type != "application/json":
+                await _answer(send, 415, f"content-type must be application/json, "
+                                         f"found {content_type!r}")
+                return
+            if length and length.isdigit() and int(length) > self.max_bytes:
+                await _answer(send, 413, f"request body of {length} bytes exceeds the limit of "
+                                         f"{self.max_bytes} bytes")
+                return
+        await self.app(scope, receive, send)
+
+
+async def _answer(send, status: int, message: str) -> None:
+    import json
+
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _dump(record: BaseModel) -> dict[str, Any]:
+    return record.model_dump()
+
+
+@bentoml.service(name="ml_lifecycle", traffic={"timeout": 60})
+class Predictor:
+    """Predictions from the champion model with the pipeline's own feature logic."""
+
+    def __init__(self) -> None:
+        self.runtime = RUNTIME
+
+    @bentoml.api(route="/predict")
+    def predict(self, record: Record, /) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Score one record (the fields known at request time); the answer names the model."""
+        try:
+            return self.runtime.score([_dump(record)])[0]
+        except RequestError as error:
+            raise InvalidArgument(str(error)) from None
+
+    @bentoml.api(route="/predict_batch")
+    def predict_batch(self, batch: Batch, /) -> dict[str, Any]:
+        """Score many records at once (1 to ML_LIFECYCLE_MAX_BATCH)."""
+        try:
+            return {"predictions": self.runtime.score([_dump(r) for r in batch.records])}
+        except RequestError as error:
+            raise InvalidArgument(str(error)) from None
+
+    @bentoml.api(route="/events")
+    def events(self, events: Events, /) -> dict[str, Any]:
+        """Rows whose outcomes are now known: they update the history aggregates online."""
+        try:
+            return {"added": self.runtime.ingest_events([_dump(e) for e in events.events])}
+        except RequestError as error:
+            raise InvalidArgument(str(error)) from None
+
+    @bentoml.api(route="/labels")
+    def labels(self, labels: Labels, /) -> dict[str, Any]:
+        """Ground truth for earlier predictions, joined later by request_id."""
+        return {"recorded": self.runtime.record_labels([label.model_dump() for label in
+                                                        labels.labels])}
+
+    @bentoml.api(route="/model")
+    def model(self) -> dict[str, Any]:
+        """The dataset, model version (and shadow), snapshot and request schema being served."""
+        self.runtime.reload_if_changed()
+        return self.runtime.describe()
+
+
+Predictor.add_asgi_middleware(JsonOnly)
