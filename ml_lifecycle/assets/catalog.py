@@ -5,6 +5,7 @@ Every table asset reports these, so the Dagster UI doubles as the data catalog.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import duckdb
 from ml_lifecycle.data.sources import quote
 
 PREVIEW_ROWS = 10
+_SQL_STRING = re.compile(r"'(?:[^']|'')*'")
 
 
 def _cell(value: Any) -> str:
@@ -32,7 +34,8 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def _short_type(dtype: str) -> str:
     if dtype.startswith("ENUM("):
-        return f"ENUM ({dtype.count(',') + 1} levels)"
+        # Count the quoted levels: a level may itself contain a comma.
+        return f"ENUM ({len(_SQL_STRING.findall(dtype))} levels)"
     return dtype
 
 

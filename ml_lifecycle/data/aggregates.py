@@ -9,8 +9,8 @@ The online store (serving stage) implements the same definition incrementally.
 
 from __future__ import annotations
 
-from ml_lifecycle.data.cleaning import AGG_KNOWN_AT, AGG_VALUE
-from ml_lifecycle.data.sources import quote
+from ml_lifecycle.data.cleaning import AGG_KNOWN_AT, AGG_VALUE, MISSING_LEVEL
+from ml_lifecycle.data.sources import quote, sql_literal
 from ml_lifecycle.spec import TIME, Aggregate, duration_sql
 
 _STAT_SQL = {
@@ -26,7 +26,11 @@ _STAT_SQL = {
 def aggregate_sql(aggregate: Aggregate, table: str) -> str:
     """One row per row of `table` that has all keys: `__rowid` plus the aggregate's columns."""
     keys = ", ".join(quote(k) for k in aggregate.keys)
-    not_null = " AND ".join(f"{quote(k)} IS NOT NULL" for k in aggregate.keys)
+    # Cleaning turns a NULL category into MISSING_LEVEL: such rows have no key either, and
+    # pooling them would mix unrelated rows into one history.
+    not_null = " AND ".join(
+        f"{quote(k)} IS NOT NULL AND CAST({quote(k)} AS VARCHAR) <> {sql_literal(MISSING_LEVEL)}"
+        for k in aggregate.keys)
     value = AGG_VALUE.format(aggregate.name)
     known_at = AGG_KNOWN_AT.format(aggregate.name)
     lag = duration_sql(aggregate.lag)
