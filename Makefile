@@ -7,7 +7,8 @@ UI_PORT ?= 3001
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export ML_LIFECYCLE_HOME ?= $(CURDIR)/data
 
-.PHONY: install instance demo test ui lint format bench-data experiments clean
+PORT ?= 3000
+.PHONY: install instance demo test ui serve lint format bench-data experiments clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,10 @@ ui: install instance
 ## experiments: compare training runs (the experiments table)
 experiments: install
 	$(VENV)/bin/ml-lifecycle experiments
+
+## serve: the champion behind HTTP on 127.0.0.1:$(PORT) (follows promotions live)
+serve: install
+	BENTOML_HOME=$(ML_LIFECYCLE_HOME)/bentoml $(VENV)/bin/bentoml serve ml_lifecycle.serving.service:Predictor --host 127.0.0.1 --port $(PORT)
 
 lint: install
 	$(VENV)/bin/ruff check ml_lifecycle ml_lifecycle_tests datasets benchmarks

