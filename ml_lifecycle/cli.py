@@ -123,12 +123,48 @@ def _summarise(instance, run_id: str, defs, job_def) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     spec = load_spec(dataset_spec_path())
     print(f"ml-lifecycle demo: dataset {spec.name!r} ({spec.spec_path})")
-    print(f"  home: {spec.paths().root}\n  dagster instance: "
+    print(f"  home: {spec.paths().root} (started fresh)\n  dagster instance: "
           f"{os.environ.get('DAGSTER_HOME', REPO_ROOT / '.dagster_home')}")
-    ok = run_job("training_pipeline")
-    print("\nnext: `make ui` and open http://127.0.0.1:3001 (Assets -> group data) to browse the "
-          "tables, their schema, lineage and checks;\n      `ml-lifecycle status` for a summary.")
+    if args.quick or spec.landing is None:
+        ok = run_job("training_pipeline")
+    else:
+        from ml_lifecycle.demo import run_demo
+
+        run_demo(spec, first_months=args.first_months)
+        ok = True
+    print("\nnext: `make ui` and open http://127.0.0.1:3001 to see every run, asset, check and "
+          "plot;\n      `make serve` to serve the champion; `ml-lifecycle models` and "
+          "`ml-lifecycle experiments` for the registry and the training runs.")
     return 0 if ok else 1
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from ml_lifecycle.serving.simulator import Drift, HttpTarget, held_out_rows, replay
+
+    spec = load_spec(dataset_spec_path())
+    target = HttpTarget(args.url)
+    schema = target.client.post("/model").json()
+    fields = list(schema["request_fields"])
+    rows = held_out_rows(spec, datetime.fromisoformat(args.start), datetime.fromisoformat(args.end))
+    report = replay(target, spec, rows, fields, rate=args.rate, batch=args.batch,
+                    drift=Drift.parse(args.drift or []), max_records=args.max_records,
+                    max_seconds=args.max_seconds)
+    print(f"sent {report.records} records in {report.seconds:.1f}s: {report.scored} scored "
+          f"{report.model_versions}, {report.rejected} rejected (4xx), {report.errors} errors; "
+          f"{report.events} events, {report.labels} labels posted")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from ml_lifecycle.monitoring.lineage import trace_prediction
+
+    spec = load_spec(dataset_spec_path())
+    chain = trace_prediction(spec, args.request_id)
+    for key, value in chain.items():
+        print(f"{key:>18}: {value}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -251,7 +287,21 @@ def cmd_check_spec(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ml-lifecycle", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the main job (training_pipeline) on the default dataset")
+    demo = sub.add_parser("demo", help="replay a year through the lifecycle (default dataset)")
+    demo.add_argument("--quick", action="store_true", help="only run training_pipeline")
+    demo.add_argument("--first-months", type=int, default=6)
+    simulate = sub.add_parser("simulate", help="replay held-out rows against a running service")
+    simulate.add_argument("--url", default="http://127.0.0.1:3000")
+    simulate.add_argument("--start", required=True, help="e.g. 2013-11-01")
+    simulate.add_argument("--end", required=True, help="e.g. 2013-12-01")
+    simulate.add_argument("--rate", type=float, default=500.0, help="records per second")
+    simulate.add_argument("--batch", type=int, default=50)
+    simulate.add_argument("--max-records", type=int, default=50_000)
+    simulate.add_argument("--max-seconds", type=float, default=600.0)
+    simulate.add_argument("--drift", nargs="*", help="shift:col=v scale:col=f new:col=share "
+                                                     "nulls:col=share")
+    trace = sub.add_parser("trace", help="prediction -> model version -> run -> data -> code")
+    trace.add_argument("request_id")
     run = sub.add_parser("run", help="run a job on the $DAGSTER_HOME instance")
     run.add_argument("job", nargs="?", default="training_pipeline")
     land = sub.add_parser("land", help="write landing files with the spec's generator")
@@ -269,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-spec", help="validate a dataset spec file")
     check.add_argument("path", nargs="?")
     args = parser.parse_args(argv)
-    handlers = {"demo": cmd_demo, "run": cmd_run, "land": cmd_land, "status": cmd_status,
+    handlers = {"demo": cmd_demo, "simulate": cmd_simulate, "trace": cmd_trace, "run": cmd_run, "land": cmd_land, "status": cmd_status,
                 "experiments": cmd_experiments, "models": cmd_models, "rollback": cmd_rollback,
                 "check-spec": cmd_check_spec}
     try:

@@ -264,6 +264,23 @@ class Thresholds(StrictModel):
     drift: DriftThresholds = DriftThresholds()
 
 
+class Monitoring(StrictModel):
+    """Stage 4: windows of the inference log, retraining cooldown, alert thresholds."""
+
+    window: Literal["day", "week", "month"] = "day"
+    min_rows: int = Field(200, ge=1, description="Windows with fewer logged rows are skipped.")
+    cooldown: Duration = Field(
+        timedelta(days=7), description="After a promotion, drift does not request another "
+        "retrain until this much event time has passed.")
+    performance_drop: tuple[float, float] = Field(
+        (0.02, 0.05), description="Live primary metric worse than the training test metric by "
+        "this much: (warn, error).")
+    latency_p99_ms: float = 250.0
+    error_rate: float = 0.01
+    webhook_url: str | None = Field(None, description="Slack-compatible webhook for alerts "
+                                    "(${ENV_VAR} expanded).")
+
+
 class Landing(StrictModel):
     """A script next to the spec that writes the landing files when they are missing."""
 
@@ -303,6 +320,7 @@ class DatasetSpec(StrictModel):
         default_factory=list, description="Categorical columns the evaluation reports per slice.")
     expectations: dict[str, list[Expectation]] = Field(default_factory=dict)
     thresholds: Thresholds = Thresholds()
+    monitoring: Monitoring = Monitoring()
 
     _spec_path: Path | None = PrivateAttr(default=None)
 
