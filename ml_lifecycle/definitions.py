@@ -10,17 +10,24 @@ import dagster as dg
 
 from ml_lifecycle.assets.checks import build_validation_checks
 from ml_lifecycle.assets.data import build_data_assets
+from ml_lifecycle.assets.monitoring import build_monitoring_assets
+from ml_lifecycle.assets.serving import build_serving_assets
 from ml_lifecycle.assets.training import build_training_assets
+from ml_lifecycle.monitoring.notifier import Notifier
 from ml_lifecycle.resources import Warehouse
 from ml_lifecycle.sensors import build_landing_sensor
 from ml_lifecycle.settings import dataset_spec_path
 from ml_lifecycle.spec import DatasetSpec, load_spec
+from ml_lifecycle.training.cluster import TrainingCluster, executor_from_env
 
 
 def build_definitions(spec: DatasetSpec) -> dg.Definitions:
+    paths = spec.paths()
     data_assets = build_data_assets(spec)
     checks = build_validation_checks(spec)
     training_assets, training_checks = build_training_assets(spec)
+    serving_assets = build_serving_assets(spec)
+    monitoring_assets, monitoring_checks = build_monitoring_assets(spec)
     data_pipeline = dg.define_asset_job(
         "data_pipeline",
         selection=dg.AssetSelection.groups("data"),
@@ -31,13 +38,41 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
     )
     training_pipeline = dg.define_asset_job(
         "training_pipeline",
-        selection=dg.AssetSelection.groups("data", "training"),
+        selection=dg.AssetSelection.groups("data", "training")
+        | dg.AssetSelection.assets("online_features"),
         description=(
             "The main job: raw files -> features -> model -> evaluation_report -> champion (the "
             "promotion gate decides), on a fresh home with no arguments (landing files are "
             "created if missing)."
         ),
     )
+    serving_pipeline = dg.define_asset_job(
+        "serving_pipeline",
+        selection=dg.AssetSelection.groups("serving"),
+        description=(
+            "Stage 3: export the online feature snapshot and build a Bento for the current "
+            "champion (`bentoml build`); the asset metadata shows the command to serve it."
+        ),
+    )
+    monitoring_pipeline = dg.define_asset_job(
+        "monitoring_pipeline",
+        selection=dg.AssetSelection.assets("drift_metrics"),
+        description=(
+            "Stage 4: drift and live performance per window of the inference log, with checks; "
+            "an error-level failure makes the automation retrain the model."
+        ),
+    )
+    notifier = Notifier(webhook_url=spec.monitoring.webhook_url or "",
+                        alerts_file=str(paths.root / "alerts.jsonl"))
+
+    @dg.run_failure_sensor(name="run_failure_alerts", default_status=dg.DefaultSensorStatus.RUNNING,
+                           description="Sends an alert (log, alerts.jsonl, optional webhook) "
+                                       "for every failed run.")
+    def run_failure_alerts(context: dg.RunFailureSensorContext) -> None:
+        notifier.send("run_failed", "error",
+                      f"run {context.dagster_run.run_id[:8]} of {context.dagster_run.job_name} "
+                      f"failed: {context.failure_event.message}", dataset=spec.name)
+
     automation = dg.AutomationConditionSensorDefinition(
         "lifecycle_automation",
         target=dg.AssetSelection.all(),
@@ -49,14 +84,15 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
             "its params file (code version) changes; evaluation and promotion follow."
         ),
     )
-    paths = spec.paths()
     return dg.Definitions(
-        assets=[*data_assets, *training_assets],
-        asset_checks=[*checks, *training_checks],
-        jobs=[data_pipeline, training_pipeline],
-        sensors=[build_landing_sensor(spec, data_pipeline), automation],
-        resources={"warehouse": Warehouse(database=str(paths.warehouse))},
-        executor=dg.in_process_executor,
+        assets=[*data_assets, *training_assets, *serving_assets, *monitoring_assets],
+        asset_checks=[*checks, *training_checks, *monitoring_checks],
+        jobs=[data_pipeline, training_pipeline, serving_pipeline, monitoring_pipeline],
+        sensors=[build_landing_sensor(spec, data_pipeline), automation, run_failure_alerts],
+        resources={"warehouse": Warehouse(database=str(paths.warehouse)),
+                   "notifier": notifier,
+                   "cluster": TrainingCluster.from_env()},
+        executor=executor_from_env(),
     )
 
 

@@ -275,6 +275,9 @@ class Monitoring(StrictModel):
     performance_drop: tuple[float, float] = Field(
         (0.02, 0.05), description="Live primary metric worse than the training test metric by "
         "this much: (warn, error).")
+    exclude_features: list[str] = Field(
+        default_factory=list, description="Features left out of drift (calendar parts time__* "
+        "always are: they move forward by construction).")
     latency_p99_ms: float = 250.0
     error_rate: float = 0.01
     webhook_url: str | None = Field(None, description="Slack-compatible webhook for alerts "

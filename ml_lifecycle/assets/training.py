@@ -13,11 +13,13 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
+from ml_lifecycle.assets.monitoring import retrain_condition
 from ml_lifecycle.data.features import load_state
 from ml_lifecycle.monitoring.profile import build_profile
 from ml_lifecycle.resources import Warehouse
 from ml_lifecycle.spec import DatasetSpec
 from ml_lifecycle.training import tracking
+from ml_lifecycle.training.cluster import TrainingCluster
 from ml_lifecycle.training.dataset import load_model_data
 from ml_lifecycle.training.gate import promotion_decision
 from ml_lifecycle.training.metrics import (
@@ -37,7 +39,7 @@ from ml_lifecycle.training.report import (
     png_markdown,
     write_report,
 )
-from ml_lifecycle.training.trainer import gain_importance, predict, train
+from ml_lifecycle.training.trainer import gain_importance, predict
 
 GROUP = "training"
 PROFILE_ROWS = 200_000
@@ -77,7 +79,7 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
         owners=spec.owners or None,
         tags={"stage": "training"},
         automation_condition=(
-            dg.AutomationCondition.code_version_changed()
+            (dg.AutomationCondition.code_version_changed() | retrain_condition())
             & ~dg.AutomationCondition.in_progress()
             & dg.AutomationCondition.all_deps_blocking_checks_passed()
         ),
@@ -87,11 +89,12 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
             f"`{params_path.name if params_path else 'built-in defaults'}` (its hash is this "
             "asset's code version: edit it and the model is retrained), overridable by run "
             "config. Each run registers a new version as `challenger` and adds a row to the "
-            "`experiments` table."
+            "`experiments` table. Trains in the step's process, or with `lightgbm.dask` on the "
+            "Dask cluster the `cluster` resource names (ML_LIFECYCLE_DASK_SCHEDULER)."
         ),
     )
     def model(context: dg.AssetExecutionContext, config: ModelConfig,
-              warehouse: Warehouse) -> dg.MaterializeResult:
+              warehouse: Warehouse, cluster: TrainingCluster) -> dg.MaterializeResult:
         started = time.time()
         params = load_params(params_path)
         overrides = parse_overrides(config.overrides)
@@ -113,7 +116,7 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
             snapshot = tracking.data_snapshot_id(conn)
         counts = data.counts()
         context.log.info(f"training on {counts} rows, {len(data.feature_names)} features")
-        trained = train(spec.task, data, params, log=context.log.info)
+        trained = cluster.train(spec.task, data, params, log=context.log.info)
         train_split = data.splits["train"]
         rows = np.random.default_rng(0).permutation(train_split.rows)[:PROFILE_ROWS]
         profile = build_profile(
@@ -125,6 +128,7 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
             "params": trained.params.model_dump(), "code_version": code_version,
             "data_snapshot": snapshot, "feature_state_version": state.version,
             "git_commit": commit, "best_iteration": trained.best_iteration,
+            "trained_on": trained.trained_on,
             "valid_metrics": trained.valid_metrics, "rows": counts,
             "classes": data.classes, "split_boundaries": data.boundaries,
             "feature_names": data.feature_names, "categorical_features": data.categorical,
@@ -149,6 +153,7 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
             "model_version": version,
             "best_iteration": trained.best_iteration,
             "training_seconds": round(duration, 2),
+            "trained_on": trained.trained_on,
             **_floats(trained.valid_metrics, "valid_"),
             "rows": dg.MetadataValue.json(counts),
             "params": dg.MetadataValue.json(trained.params.model_dump()),

@@ -69,7 +69,7 @@ def monitor_windows(spec: DatasetSpec, directory: Path | None = None,
     for window, version, rows in windows:
         if version not in profiles:
             profiles[version] = registry.load(version).reference_profile()
-        profile = profiles[version]
+        profile = _monitored(profiles[version], spec)
         names = list(profile.get("features", {}))
         select = ", ".join(f"features.\"{n}\" AS \"{n}\"" for n in names)
         frame = conn.sql(
@@ -107,6 +107,15 @@ def monitor_windows(spec: DatasetSpec, directory: Path | None = None,
     return results
 
 
+def _monitored(profile: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    """The profile without calendar parts (time__*: they move forward by construction, so they
+    would always 'drift') and without the features the spec excludes from monitoring."""
+    excluded = set(spec.monitoring.exclude_features)
+    features = {name: p for name, p in profile.get("features", {}).items()
+                if not name.startswith("time__") and name not in excluded}
+    return {**profile, "features": features}
+
+
 def served_span(spec: DatasetSpec, version: str, directory: Path | None = None) -> timedelta:
     """How much event time the version has served (for the retrain cooldown)."""
     conn = duckdb.connect()
@@ -137,7 +146,7 @@ def results_rows(results: list[WindowResult]) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         for feature, stats in result.drift.get("features", {}).items():
-            rows.append({"window": result.window, "model_version": result.model_version,
+            rows.append({"window_start": result.window, "model_version": result.model_version,
                          "feature": feature, "rows": result.rows,
                          "status": stats.get("status"), "psi": stats.get("psi"),
                          "ks": stats.get("ks"), "js": stats.get("js"),

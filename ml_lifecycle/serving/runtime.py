@@ -125,6 +125,7 @@ class ServingRuntime:
         self.db.execute(f"CREATE VIEW __clean AS {self.plan.sql}")
         self.db.unregister("__request")
         self._models_prepared = 0
+        self._reload_lock = threading.Lock()
         self.fields = self._request_fields(primary)
         self.event_fields = self._event_fields(primary)
         self.store = store if store is not None else MemoryOnlineStore()
@@ -205,19 +206,22 @@ class ServingRuntime:
 
     def reload_if_changed(self) -> bool:
         """Swap to the registry's champion (and shadow challenger) if an alias moved."""
-        mtime = self._alias_mtime()
-        if mtime == self._aliases_mtime:
-            return False
-        self._aliases_mtime = mtime
-        version = self._champion_version()
-        changed = False
-        if version != self.model.version:
-            self.model = self._load(version)  # one assignment: the swap
-            self.swaps += 1
-            changed = True
-        if self.shadow_enabled:
-            self.shadow = self._load_shadow()
-        return changed
+        # The watcher thread and `/model` both call this: one reload at a time (two concurrent
+        # `_load`s would create the same ENUM types and views).
+        with self._reload_lock:
+            mtime = self._alias_mtime()
+            if mtime == self._aliases_mtime:
+                return False
+            version = self._champion_version()
+            changed = False
+            if version != self.model.version:
+                self.model = self._load(version)  # one assignment: the swap
+                self.swaps += 1
+                changed = True
+            if self.shadow_enabled:
+                self.shadow = self._load_shadow()
+            self._aliases_mtime = mtime  # only once loaded: a failed load is retried next tick
+            return changed
 
     def _watch(self, interval: float) -> None:
         while not self._stop.wait(interval):

@@ -27,6 +27,13 @@ from ml_lifecycle.spec import load_spec
 MAX_BATCH = int(os.environ.get("ML_LIFECYCLE_MAX_BATCH", "10000"))
 MAX_BODY_BYTES = int(os.environ.get("ML_LIFECYCLE_MAX_BODY_BYTES", str(16 * 1024 * 1024)))
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_INT_RANGES = {
+    "TINYINT": (-(2**7), 2**7 - 1), "SMALLINT": (-(2**15), 2**15 - 1),
+    "INTEGER": (-(2**31), 2**31 - 1), "BIGINT": (-(2**63), 2**63 - 1),
+    "HUGEINT": (-(2**63), 2**63 - 1),
+    "UTINYINT": (0, 2**8 - 1), "USMALLINT": (0, 2**16 - 1), "UINTEGER": (0, 2**32 - 1),
+    "UBIGINT": (0, 2**64 - 1),
+}
 
 
 def _model(name: str, fields: list[RequestField], all_optional: bool = False) -> type[BaseModel]:
@@ -38,7 +45,12 @@ def _model(name: str, fields: list[RequestField], all_optional: bool = False) ->
         elif python_type is date:
             python_type = Annotated[date, Field(strict=False)]
         elif python_type is float:
-            python_type = Annotated[float, Field(strict=False, allow_inf_nan=False)]
+            # Strict: a JSON integer is a float, but `true` or "1.5" is a wrong type (400).
+            python_type = Annotated[float, Field(allow_inf_nan=False)]
+        elif python_type is int:
+            # JSON integers are unbounded: out of the column's range is a 400, not an overflow.
+            low, high = _INT_RANGES.get(spec_field.dtype.split("(")[0].upper(), _INT_RANGES["BIGINT"])
+            python_type = Annotated[int, Field(ge=low, le=high)]
         if spec_field.required and not all_optional:
             definitions[spec_field.name] = (python_type, Field(description=spec_field.dtype))
         else:

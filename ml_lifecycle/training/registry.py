@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import lightgbm as lgb
 
@@ -66,9 +67,23 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _local_root(root: Path | str) -> Path:
+    """A registry root as a local path: a path, or a `file://` URL. Aliases are atomic renames and
+    writers take an flock, so the root must be a POSIX filesystem (local disk, or shared NFS/EFS);
+    object-store URLs are refused rather than half supported."""
+    text = str(root)
+    if "://" not in text:
+        return Path(text)
+    scheme, _, rest = text.partition("://")
+    if scheme != "file":
+        raise RegistryError(f"model registry root {text!r}: expected a local path or a file:// "
+                            f"URL, found scheme {scheme!r} (use a shared POSIX filesystem such as NFS)")
+    return Path(unquote(rest))
+
+
 class ModelRegistry:
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path | str) -> None:
+        self.root = _local_root(root)
         self.versions_dir = self.root / "versions"
 
     # -- locking --------------------------------------------------------------------------

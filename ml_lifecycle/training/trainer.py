@@ -36,6 +36,7 @@ class TrainedModel:
     valid_metrics: dict[str, float]
     trials: list[Trial] = field(default_factory=list)
     seconds: float = 0.0
+    trained_on: str = "in_process"  # or "dask" (ml_lifecycle.training.distributed)
 
 
 def lightgbm_params(task: str, params: TrainingParams, num_class: int | None) -> dict[str, Any]:
@@ -70,25 +71,38 @@ def _fit(task: str, data: ModelData, params: TrainingParams) -> tuple[lgb.Booste
     return booster, time.perf_counter() - started
 
 
+def fit_trial(task: str, data: ModelData, params: TrainingParams) -> tuple[lgb.Booster, Trial]:
+    """One fit with early stopping, scored on the validation split."""
+    booster, seconds = _fit(task, data, params)
+    valid = data.splits["valid"]
+    metrics = compute_metrics(task, valid.y, predict(booster, valid.X, task))
+    return booster, Trial(params=params.lightgbm.model_dump(),
+                          best_iteration=booster.best_iteration, valid_metrics=metrics,
+                          seconds=seconds)
+
+
+def trial_score(task: str, metrics: dict[str, float]) -> float:
+    """The task's primary validation metric, oriented so that higher is better."""
+    primary = PRIMARY[task]
+    return metrics[primary] if HIGHER_IS_BETTER[primary] else -metrics[primary]
+
+
 def train(task: str, data: ModelData, params: TrainingParams, log=print) -> TrainedModel:
     """Train once, or run the search first and retrain-free keep the best trial's booster."""
     started = time.perf_counter()
-    valid = data.splits["valid"]
     primary = PRIMARY[task]
     trials: list[Trial] = []
     best: tuple[float, lgb.Booster, TrainingParams, dict[str, float]] | None = None
     candidates = search_candidates(params)
     for index, overrides in enumerate(candidates or [{}]):
         trial_params = params.with_lightgbm(**overrides) if overrides else params
-        booster, seconds = _fit(task, data, trial_params)
-        metrics = compute_metrics(task, valid.y, predict(booster, valid.X, task))
-        trials.append(Trial(params=trial_params.lightgbm.model_dump(),
-                            best_iteration=booster.best_iteration, valid_metrics=metrics,
-                            seconds=seconds))
+        booster, trial = fit_trial(task, data, trial_params)
+        metrics = trial.valid_metrics
+        trials.append(trial)
         if candidates:
             log(f"trial {index + 1}/{len(candidates)} {overrides}: valid {primary}="
-                f"{metrics[primary]:.4f} ({booster.best_iteration} rounds, {seconds:.1f}s)")
-        score = metrics[primary] if HIGHER_IS_BETTER[primary] else -metrics[primary]
+                f"{metrics[primary]:.4f} ({booster.best_iteration} rounds, {trial.seconds:.1f}s)")
+        score = trial_score(task, metrics)
         if best is None or (np.isfinite(score) and score > best[0]):
             best = (score, booster, trial_params, metrics)
     assert best is not None
