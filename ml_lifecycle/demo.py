@@ -119,7 +119,7 @@ def run_demo(spec: DatasetSpec, first_months: int = 6, year: int = 2013, batch: 
         row.champion = ",".join(sorted(report.model_versions))
         _execute("monitoring_pipeline", instance)
         with duckdb.connect(str(paths.warehouse), read_only=True) as conn:
-            latest = conn.sql("SELECT * FROM drift_windows WHERE month(window_start) = ? "
+            latest = conn.sql("SELECT * FROM drift_windows WHERE month(CAST(window_start AS DATE)) = ? "
                               "ORDER BY model_version DESC LIMIT 1", params=[month]).pl()
         if latest.height:
             window = latest.to_dicts()[0]

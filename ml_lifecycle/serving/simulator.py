@@ -161,6 +161,11 @@ def replay(
             break
         chunk = requests.slice(offset, batch).to_dicts()
         truth = rows.slice(offset, batch)
+        if events:
+            # Outcomes go to the feed first: the store only uses an event once it is known
+            # (known_at <= request time - lag), so early arrival never leaks, and no request of
+            # the batch misses an event that was known before it.
+            report.events += target.ingest_events(truth.select(event_columns).to_dicts())
         try:
             results = target.score(chunk)
         except Exception:  # counted; the replay goes on
@@ -171,8 +176,6 @@ def replay(
         for result in results:
             version = result.get("model_version", "?")
             report.model_versions[version] = report.model_versions.get(version, 0) + 1
-        if events:
-            report.events += target.ingest_events(truth.select(event_columns).to_dicts())
         if labels and results:
             report.labels += target.record_labels([
                 {"request_id": r["request_id"], "label": y}
