@@ -99,6 +99,16 @@ def test_drift_retrains_once_promotes_and_the_service_swaps(trained, tmp_path: P
         assert registry.alias("champion") == "v0002"
         runtime.reload_if_changed()
         assert runtime.score(records[:1])[0]["model_version"] == "v0002"
+        again = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                  cursor=again.cursor)
+
+        # Still drifted after the retrain (same data): a new failing evaluation asks again.
+        runtime.score(drifted)
+        checks = _monitor(defs, instance)
+        assert not checks["retrain_required"].passed
+        once_more = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                      cursor=again.cursor)
+        assert once_more.get_num_requested(dg.AssetKey("model")) == 1
 
         chain = trace_prediction(spec, results[0]["request_id"])
         assert chain["model_version"] == "v0001"

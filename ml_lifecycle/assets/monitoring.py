@@ -29,12 +29,14 @@ RETRAIN_CHECK = "retrain_required"
 
 
 def retrain_condition() -> dg.AutomationCondition:
-    """True on the tick `drift_metrics`' blocking retrain check newly fails (no cycle: the model
-    does not depend on drift_metrics, it watches it)."""
+    """True on the tick after `drift_metrics`' blocking retrain check was evaluated and failed
+    (each failing evaluation requests one retrain; the same failure is not counted twice). No
+    cycle: the model does not depend on drift_metrics, it watches it."""
     return dg.AutomationCondition.asset_matches(
         "drift_metrics",
         dg.AutomationCondition.any_checks_match(
-            dg.AutomationCondition.check_failed(), blocking_only=True).newly_true(),
+            dg.AutomationCondition.check_failed() & dg.AutomationCondition.newly_updated(),
+            blocking_only=True),
     )
 
 
