@@ -13,6 +13,7 @@ requests in flight finish on the model they started with, none fail.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -49,6 +50,10 @@ _PY_TYPES = {
     "VARCHAR": str, "BOOLEAN": bool, "TIMESTAMP": datetime, "TIMESTAMP_NS": datetime,
     "TIMESTAMP WITH TIME ZONE": datetime, "DATE": date,
 }
+
+
+_VALUE_ERRORS = (duckdb.ConversionException, duckdb.OutOfRangeException,
+                 duckdb.InvalidInputException)
 
 
 class RequestError(ValueError):
@@ -102,8 +107,11 @@ class ServingRuntime:
         watch_interval: float | None = 1.0,
         snapshot: Path | None = None,
         max_batch: int = 10_000,
+        unknown_categories: str | None = None,
     ) -> None:
         self.spec = spec
+        # "reject" (400 naming the field) or "score" (as missing, logged: drift sees it).
+        self.unknown_categories = unknown_categories or spec.unknown_categories
         self.paths = spec.paths()
         self.registry = ModelRegistry(self.paths.registry)
         self.max_batch = max_batch
@@ -131,6 +139,9 @@ class ServingRuntime:
         self.store = store if store is not None else MemoryOnlineStore()
         self.seeded_events = self._seed_store() if store is None else 0
         self.log = InferenceLog(log_dir or self.paths.inference)
+        # ML_LIFECYCLE_INFERENCE_LOG=0 turns the prediction log off (benchmarks measure its cost).
+        self.log_predictions = os.environ.get("ML_LIFECYCLE_INFERENCE_LOG", "1").lower() not in (
+            "0", "false", "no", "off")
         self.model = self._load(self._champion_version())
         self.shadow = self._load_shadow()
         self._aliases_mtime = self._alias_mtime()
@@ -276,18 +287,38 @@ class ServingRuntime:
         table = pa.Table.from_pylist(rows, schema=self.request_schema)
         return table
 
-    def _clean(self, records: list[dict[str, Any]]) -> pa.Table:
+    def _run_clean(self, records: list[dict[str, Any]]) -> pa.Table:
         cursor = self._cursor()
         cursor.register("__request", self._request_table(records))
         try:
-            cleaned = cursor.sql("SELECT * FROM __clean").to_arrow_table()
+            return cursor.sql("SELECT * FROM __clean").to_arrow_table()
         finally:
             cursor.unregister("__request")
+
+    def _clean(self, records: list[dict[str, Any]]) -> pa.Table:
+        try:
+            cleaned = self._run_clean(records)
+        except _VALUE_ERRORS as error:
+            # A value the spec's expressions cannot take (e.g. a delay of 2**62 minutes in an
+            # aggregate's known_at): the client's data, so a 400 naming the record.
+            message = str(error).splitlines()[0]
+            bad = next((i for i, record in enumerate(records[:1000])
+                        if not self._cleans(record)), None)
+            where = f"record {bad}" if bad is not None else "the batch"
+            raise RequestError(f"{where}: the dataset's expressions (time, target, aggregate "
+                               f"value/known_at) fail on its values: {message}") from None
         if self.spec.has_time and cleaned.column(TIME).null_count:
             bad = cleaned.column(TIME).to_pylist().index(None)
             raise RequestError(f"record {bad}: the time ({self.spec.time_sql}) cannot be computed "
                                "from its fields")
         return cleaned
+
+    def _cleans(self, record: dict[str, Any]) -> bool:
+        try:
+            self._run_clean([record])
+        except _VALUE_ERRORS:
+            return False
+        return True
 
     def _with_aggregates(self, cleaned: pa.Table) -> pa.Table:
         if not self.spec.aggregates:
@@ -305,7 +336,7 @@ class ServingRuntime:
         return cleaned
 
     def _check_categories(self, cleaned: pa.Table, model: LoadedModel) -> None:
-        if self.spec.unknown_categories != "reject":
+        if self.unknown_categories != "reject":
             return
         for name, levels in model.state.categories.items():
             if len(levels) >= self.spec.max_categories or name not in cleaned.column_names:
@@ -366,7 +397,7 @@ class ServingRuntime:
         for index in range(len(records)):
             results.append({"request_id": ids[index], "model_version": model.version,
                             **self._present(prediction[index], model)})
-        if log:
+        if log and self.log_predictions:
             self._log(results, readable, cleaned, prediction, shadow, shadow_prediction, records)
         return results
 
