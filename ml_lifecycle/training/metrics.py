@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
-from scipy.stats import rankdata
 
 METRICS: dict[str, list[str]] = {
     "binary": ["roc_auc", "pr_auc", "log_loss", "brier", "accuracy"],
@@ -112,6 +111,8 @@ def _roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return NAN
+    from scipy.stats import rankdata  # imported here: scipy.stats costs seconds to load
+
     ranks = rankdata(p)
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

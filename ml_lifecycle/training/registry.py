@@ -24,12 +24,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-import lightgbm as lgb
-
 from ml_lifecycle.data.features import FeatureState
+
+if TYPE_CHECKING:
+    import lightgbm as lgb
 
 ALIASES = ("champion", "challenger")
 
@@ -46,6 +47,8 @@ class ModelVersion:
     state: FeatureState
 
     def booster(self) -> lgb.Booster:
+        import lightgbm as lgb
+
         return lgb.Booster(model_file=str(self.path / "model.txt"))
 
     def reference_profile(self) -> dict[str, Any]:

@@ -17,11 +17,12 @@ import tempfile
 from collections.abc import Mapping
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from ml_lifecycle.training.metrics import (
     METRICS,
@@ -53,6 +54,10 @@ _BASELINE_COLOR = "#7f7f7f"
 
 
 def _figure(width: float = 6.0, height: float = 4.5) -> Figure:
+    # matplotlib is imported on first use: importing it costs seconds in every run process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
     return figure

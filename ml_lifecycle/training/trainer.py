@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightgbm as lgb
 import numpy as np
 
 from ml_lifecycle.training.dataset import ModelData
 from ml_lifecycle.training.metrics import HIGHER_IS_BETTER, PRIMARY, compute_metrics
 from ml_lifecycle.training.params import TrainingParams, search_candidates
+
+if TYPE_CHECKING:
+    import lightgbm as lgb
 
 _OBJECTIVES = {
     "binary": {"objective": "binary", "metric": "binary_logloss"},
@@ -54,6 +56,8 @@ def predict(booster: lgb.Booster, X: np.ndarray, task: str) -> np.ndarray:
 
 
 def _fit(task: str, data: ModelData, params: TrainingParams) -> tuple[lgb.Booster, float]:
+    import lightgbm as lgb  # imported on use: it pulls in scikit-learn when installed
+
     started = time.perf_counter()
     num_class = len(data.classes) if data.classes else None
     train, valid = data.splits["train"], data.splits["valid"]
