@@ -103,7 +103,7 @@ def numeric_drift(profile: Mapping[str, Any], values: np.ndarray) -> dict[str, A
         raise ValueError(
             f"numeric_drift: expected a numeric profile, found kind {profile.get('kind')!r}"
         )
-    values = np.asarray(values, dtype=np.float64)
+    values = np.ascontiguousarray(values, dtype=np.float64)  # a strided column is slow to scan
     if values.ndim != 1:
         raise ValueError(f"numeric_drift: expected 1-D values, found shape {values.shape}")
     rows = int(values.size)
@@ -143,8 +143,15 @@ def _level_counts(values: Sequence[Any] | np.ndarray | pl.Series) -> tuple[dict[
     """Non-null level -> count, and the number of rows, of a column of strings (None/NaN = null).
 
     A polars Series (String, Categorical or Enum) is counted natively; anything else goes through
-    a Counter over Python objects, which is exact but ~10x slower per million rows.
+    a Counter over Python objects: exact, but an order of magnitude slower.
     """
+    if isinstance(values, pl.Series) and isinstance(values.dtype, pl.Enum):
+        # An Enum's physical codes index its fixed category list: a bincount, no hashing.
+        categories = values.dtype.categories.to_list()
+        codes = values.to_physical().fill_null(len(categories)).to_numpy()
+        counts = np.bincount(codes, minlength=len(categories) + 1)[: len(categories)]
+        present = np.flatnonzero(counts)
+        return {categories[i]: int(counts[i]) for i in present}, len(values)
     if isinstance(values, pl.Series):
         counted = values.rename("level").drop_nulls().value_counts()
         levels = counted["level"].cast(pl.String).to_list()

@@ -51,7 +51,8 @@ def numeric_profile(values: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, A
     """Quantile bins (at most ``bins``; tied quantiles merge), null rate and moments of a column."""
     if bins < 1:
         raise ValueError(f"numeric_profile: bins must be >= 1, found {bins}")
-    values = np.asarray(values, dtype=np.float64)
+    # Contiguous: a column of a row-major X is strided, and every pass over it would be slow.
+    values = np.ascontiguousarray(values, dtype=np.float64)
     finite_mask = np.isfinite(values)
     finite = values if finite_mask.all() else values[finite_mask]
     rows = int(values.size)
