@@ -19,7 +19,13 @@ from ml_lifecycle.training.trainer import TrainedModel, train
 
 SCHEDULER_ENV = "ML_LIFECYCLE_DASK_SCHEDULER"
 EXECUTOR_ENV = "ML_LIFECYCLE_EXECUTOR"
-EXECUTORS = {"in_process": dg.in_process_executor, "multiprocess": dg.multiprocess_executor}
+# Step processes fork from a server that has imported the code location once (`-m` target),
+# instead of each spawning a fresh interpreter that imports dagster, DuckDB, LightGBM, ... again.
+EXECUTORS = {
+    "in_process": dg.in_process_executor,
+    "multiprocess": dg.multiprocess_executor.configured(
+        {"start_method": {"forkserver": {}}}, name="multiprocess_executor"),
+}
 CONNECT_TIMEOUT = "30s"
 
 
