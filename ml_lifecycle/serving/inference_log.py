@@ -75,5 +75,8 @@ def read_predictions(directory: Path, conn: duckdb.DuckDBPyConnection | None = N
     if not files:
         return None
     conn = conn or duckdb.connect()
+    # sample_size=-1: the schema is read from every line. With DuckDB's default sample (20,480
+    # lines) a key first seen later (`shadow`, a feature that was always null so far) is
+    # silently dropped, or read as NULL.
     return conn.sql(f"SELECT * FROM read_json('{Path(directory)}/predictions-*.jsonl', "
-                    "format='newline_delimited', union_by_name=true)")
+                    "format='newline_delimited', union_by_name=true, sample_size=-1)")

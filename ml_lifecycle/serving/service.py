@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import bentoml
 from bentoml.exceptions import InvalidArgument
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from ml_lifecycle.serving.runtime import RequestError, RequestField, ServingRuntime
 from ml_lifecycle.settings import dataset_spec_path
@@ -36,12 +36,23 @@ _INT_RANGES = {
 }
 
 
+def _naive(value: datetime) -> datetime:
+    if value.tzinfo is not None:
+        raise ValueError("expected the dataset's local date-time (e.g. 2024-05-01T10:30:00): "
+                         "a UTC offset or an epoch number would shift it")
+    return value
+
+
 def _model(name: str, fields: list[RequestField], all_optional: bool = False) -> type[BaseModel]:
     definitions: dict[str, Any] = {}
     for spec_field in fields:
         python_type: Any = spec_field.python_type
-        if python_type is datetime:
-            python_type = Annotated[datetime, Field(strict=False)]  # ISO strings from JSON
+        if python_type is datetime and "ZONE" not in spec_field.dtype.upper():
+            # ISO strings from JSON, as naive as the column: Arrow would turn "10:00+02:00" (or
+            # an epoch number) into 08:00 UTC, a different wall-clock time than the data's.
+            python_type = Annotated[datetime, Field(strict=False), AfterValidator(_naive)]
+        elif python_type is datetime:
+            python_type = Annotated[datetime, Field(strict=False)]
         elif python_type is date:
             python_type = Annotated[date, Field(strict=False)]
         elif python_type is float:
