@@ -78,13 +78,21 @@ def child_data(home: Path) -> dict:
     spec = load_spec(SPEC_PATH)
     warehouse = Warehouse(database=str(spec.paths().warehouse))
     started = time.perf_counter()
-    result = dg.materialize(build_data_assets(spec), resources={"warehouse": warehouse},
-                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    result = dg.materialize(
+        build_data_assets(spec),
+        resources={"warehouse": warehouse},
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
     wall = time.perf_counter() - started
     with warehouse.get_connection() as conn:
         rows = conn.execute("SELECT count(*) FROM features").fetchall()[0][0]
-    return {"success": result.success, "wall_s": wall, "rows": int(rows),
-            "steps": step_seconds(result)}
+    return {
+        "success": result.success,
+        "wall_s": wall,
+        "rows": int(rows),
+        "steps": step_seconds(result),
+    }
 
 
 def child_train(home: Path, backend: str, workers: int, rounds: int | None) -> dict:
@@ -95,8 +103,9 @@ def child_train(home: Path, backend: str, workers: int, rounds: int | None) -> d
         from distributed import LocalCluster
 
         started = time.perf_counter()
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
         cluster_s = time.perf_counter() - started
         os.environ["ML_LIFECYCLE_DASK_SCHEDULER"] = cluster.scheduler_address
     import dagster as dg
@@ -107,22 +116,30 @@ def child_train(home: Path, backend: str, workers: int, rounds: int | None) -> d
     spec = load_spec(SPEC_PATH)
     job = build_definitions(spec).resolve_job_def("training_pipeline")
     started = time.perf_counter()
-    run_config = ({"ops": {"model": {"config": {"num_boost_round": rounds}}}}
-                  if rounds else None)
+    run_config = {"ops": {"model": {"config": {"num_boost_round": rounds}}}} if rounds else None
     result = job.execute_in_process(
-        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False, run_config=run_config,
-        asset_selection=[dg.AssetKey(k) for k in ("model", "evaluation_report", "champion")])
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+        run_config=run_config,
+        asset_selection=[dg.AssetKey(k) for k in ("model", "evaluation_report", "champion")],
+    )
     wall = time.perf_counter() - started
     if cluster is not None:
         cluster.close()
-    out: dict = {"success": result.success, "wall_s": wall, "cluster_start_s": cluster_s,
-                 "steps": step_seconds(result)}
+    out: dict = {
+        "success": result.success,
+        "wall_s": wall,
+        "cluster_start_s": cluster_s,
+        "steps": step_seconds(result),
+    }
     for event in result.get_asset_materialization_events():
         metadata = {k: v.value for k, v in event.materialization.metadata.items()}
         if event.asset_key.path[-1] == "model":
-            out.update(trained_on=metadata.get("trained_on"),
-                       best_iteration=metadata.get("best_iteration"),
-                       rows=metadata.get("rows"))
+            out.update(
+                trained_on=metadata.get("trained_on"),
+                best_iteration=metadata.get("best_iteration"),
+                rows=metadata.get("rows"),
+            )
         if event.asset_key.path[-1] == "evaluation_report":
             out["test_roc_auc"] = metadata.get("test_roc_auc")
     if not result.success:
@@ -149,13 +166,16 @@ def prepare_landing(workdir: Path, scale: int) -> Path:
     landing = workdir / f"landing_{scale}"
     started = time.perf_counter()
     written = land(load_spec(SPEC_PATH), scale=scale, landing=landing)
-    say(f"landing {scale}x: {len(written)} files written ({time.perf_counter() - started:.0f} s,"
-        " not timed)")
+    say(
+        f"landing {scale}x: {len(written)} files written ({time.perf_counter() - started:.0f} s,"
+        " not timed)"
+    )
     return landing
 
 
-def fresh_home(workdir: Path, name: str, landing: Path | None = None,
-               warehouse_from: Path | None = None) -> Path:
+def fresh_home(
+    workdir: Path, name: str, landing: Path | None = None, warehouse_from: Path | None = None
+) -> Path:
     home = workdir / "homes" / name
     shutil.rmtree(home, ignore_errors=True)
     root = home / "flights"
@@ -181,9 +201,13 @@ def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
     peak = 0
     timed_out = False
     with log.open("w") as handle:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
-                                 "--out", str(out)], stdout=handle, stderr=subprocess.STDOUT,
-                                cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), *argv, "--out", str(out)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
         parent = psutil.Process(proc.pid)
         try:
             while proc.poll() is None:
@@ -205,8 +229,11 @@ def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
     result: dict = json.loads(out.read_text()) if out.exists() else {"success": False}
     if not out.exists():
         tail = "\n".join(log.read_text().splitlines()[-12:])
-        result["error"] = (f"timed out after {timeout:.0f} s" if timed_out
-                           else f"exit code {proc.returncode}; log {log}:\n{tail}")
+        result["error"] = (
+            f"timed out after {timeout:.0f} s"
+            if timed_out
+            else f"exit code {proc.returncode}; log {log}:\n{tail}"
+        )
     result["process_s"] = time.perf_counter() - started
     result["peak_rss_mb"] = peak / 2**20
     result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
@@ -226,16 +253,24 @@ def table(runs: dict, scales: list[int]) -> str:
         data = runs.get(f"{scale}x/data")
         if not data:
             continue
-        row = [f"{scale}x", _fmt(data.get("rows"), ",d"), _fmt(data.get("wall_s")),
-               _fmt(data.get("peak_rss_mb"), ",.0f")]
+        row = [
+            f"{scale}x",
+            _fmt(data.get("rows"), ",d"),
+            _fmt(data.get("wall_s")),
+            _fmt(data.get("peak_rss_mb"), ",.0f"),
+        ]
         for backend in BACKENDS:
             run = runs.get(f"{scale}x/{backend}") or {}
             ok = run.get("success")
             train_s = run.get("wall_s") if ok else None
             path_s = (data.get("wall_s") + train_s) if ok and data.get("success") else None
-            row += [_fmt(train_s), _fmt(run.get("steps", {}).get("model") if ok else None),
-                    _fmt(run.get("peak_rss_mb"), ",.0f"), _fmt(run.get("test_roc_auc"), ".4f"),
-                    _fmt(path_s)]
+            row += [
+                _fmt(train_s),
+                _fmt(run.get("steps", {}).get("model") if ok else None),
+                _fmt(run.get("peak_rss_mb"), ",.0f"),
+                _fmt(run.get("test_roc_auc"), ".4f"),
+                _fmt(path_s),
+            ]
         lines.append(" | ".join(row))
     return "\n".join(lines)
 
@@ -260,11 +295,17 @@ def plot(runs: dict, scales: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, label in (("data", "data stage"), ("in_process", "training, in-process"),
-                        ("dask", "training, Dask LocalCluster (2 workers)")):
-        points = [(runs[f"{s}x/data"]["rows"], runs[f"{s}x/{name}"])
-                  for s in scales if runs.get(f"{s}x/{name}", {}).get("success")
-                  and runs.get(f"{s}x/data", {}).get("rows")]
+    for name, label in (
+        ("data", "data stage"),
+        ("in_process", "training, in-process"),
+        ("dask", "training, Dask LocalCluster (2 workers)"),
+    ):
+        points = [
+            (runs[f"{s}x/data"]["rows"], runs[f"{s}x/{name}"])
+            for s in scales
+            if runs.get(f"{s}x/{name}", {}).get("success")
+            and runs.get(f"{s}x/data", {}).get("rows")
+        ]
         if not points:
             continue
         rows = [p[0] / 1e6 for p in points]
@@ -279,8 +320,10 @@ def plot(runs: dict, scales: list[int], path: Path) -> None:
     left.set_title("wall time per scale")
     right.set_title("peak memory per scale")
     left.legend(fontsize=8)
-    fig.suptitle(f"ml-lifecycle training path, flights x{'/'.join(map(str, scales))} "
-                 f"({os.cpu_count()} cores)")
+    fig.suptitle(
+        f"ml-lifecycle training path, flights x{'/'.join(map(str, scales))} "
+        f"({os.cpu_count()} cores)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -291,11 +334,18 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=list(SCALES))
     parser.add_argument("--workers", type=int, default=2, help="Dask workers (1 thread each)")
     parser.add_argument("--workdir", help="keep landing files and homes here (reused)")
-    parser.add_argument("--budget-min", type=float, default=15.0,
-                        help="skip a scale whose extrapolated cost exceeds this many minutes")
-    parser.add_argument("--num-boost-round", type=int,
-                        help="cap the boosting rounds of both backends equally (default: the "
-                             "params file's value, with early stopping)")
+    parser.add_argument(
+        "--budget-min",
+        type=float,
+        default=15.0,
+        help="skip a scale whose extrapolated cost exceeds this many minutes",
+    )
+    parser.add_argument(
+        "--num-boost-round",
+        type=int,
+        help="cap the boosting rounds of both backends equally (default: the "
+        "params file's value, with early stopping)",
+    )
     parser.add_argument("--results", default=str(RESULTS / "bench_scale.json"))
     parser.add_argument("--child", choices=["data", *BACKENDS], help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
@@ -320,31 +370,53 @@ def main() -> None:
             if previous is not None:
                 estimate = previous[1] * expected_rows / previous[0]
                 if estimate > budget_s:
-                    skipped[f"{scale}x"] = (f"not run: extrapolated {estimate / 60:.0f} min > "
-                                            f"budget {args.budget_min:.0f} min")
+                    skipped[f"{scale}x"] = (
+                        f"not run: extrapolated {estimate / 60:.0f} min > "
+                        f"budget {args.budget_min:.0f} min"
+                    )
                     say(f"{scale}x: {skipped[f'{scale}x']}")
                     continue
             scale_started = time.perf_counter()
             landing = prepare_landing(workdir, scale)
             base = fresh_home(workdir, f"base_{scale}", landing=landing)
             key = f"{scale}x/data"
-            runs[key] = run_child(["--child", "data", "--home", str(base)], logs / f"{scale}_data.log",
-                                  workdir / f"{scale}_data.json", timeout=budget_s)
-            say(f"{key}: {runs[key].get('wall_s') or runs[key].get('error')} s, "
-                f"{runs[key]['peak_rss_mb']:.0f} MB")
+            runs[key] = run_child(
+                ["--child", "data", "--home", str(base)],
+                logs / f"{scale}_data.log",
+                workdir / f"{scale}_data.json",
+                timeout=budget_s,
+            )
+            say(
+                f"{key}: {runs[key].get('wall_s') or runs[key].get('error')} s, "
+                f"{runs[key]['peak_rss_mb']:.0f} MB"
+            )
             if not runs[key].get("success"):
                 break
             for backend in BACKENDS:
                 home = fresh_home(workdir, f"{backend}_{scale}", warehouse_from=base)
                 key = f"{scale}x/{backend}"
                 runs[key] = run_child(
-                    ["--child", backend, "--home", str(home), "--workers", str(args.workers),
-                     *(["--num-boost-round", str(args.num_boost_round)]
-                       if args.num_boost_round else [])],
-                    logs / f"{scale}_{backend}.log", workdir / f"{scale}_{backend}.json",
-                    timeout=budget_s)
-                say(f"{key}: {runs[key].get('wall_s') or runs[key].get('error')} s, "
-                    f"{runs[key]['peak_rss_mb']:.0f} MB, AUC {runs[key].get('test_roc_auc')}")
+                    [
+                        "--child",
+                        backend,
+                        "--home",
+                        str(home),
+                        "--workers",
+                        str(args.workers),
+                        *(
+                            ["--num-boost-round", str(args.num_boost_round)]
+                            if args.num_boost_round
+                            else []
+                        ),
+                    ],
+                    logs / f"{scale}_{backend}.log",
+                    workdir / f"{scale}_{backend}.json",
+                    timeout=budget_s,
+                )
+                say(
+                    f"{key}: {runs[key].get('wall_s') or runs[key].get('error')} s, "
+                    f"{runs[key]['peak_rss_mb']:.0f} MB, AUC {runs[key].get('test_roc_auc')}"
+                )
                 shutil.rmtree(home, ignore_errors=True)
             shutil.rmtree(base, ignore_errors=True)
             previous = (runs[f"{scale}x/data"]["rows"], time.perf_counter() - scale_started)
@@ -354,8 +426,11 @@ def main() -> None:
             "benchmark": "bench_scale (training path: data stage + training, in-process vs Dask)",
             "command": ".venv/bin/python benchmarks/bench_scale.py",
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "platform": platform.platform()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
             "dask_workers": args.workers,
             "num_boost_round_cap": args.num_boost_round,
             "runs": runs,

@@ -85,8 +85,11 @@ def wait_for_quiet(max_load: float, minutes: float) -> dict[str, Any]:
     while load1() > max_load and time.monotonic() - start < minutes * 60:
         print(f"  load {load1():.2f} > {max_load}: waiting (up to {minutes:.0f} min)", flush=True)
         time.sleep(30)
-    return {"load_at_start": first, "load_when_measuring": load1(),
-            "waited_s": round(time.monotonic() - start, 1)}
+    return {
+        "load_at_start": first,
+        "load_when_measuring": load1(),
+        "waited_s": round(time.monotonic() - start, 1),
+    }
 
 
 def _json_ready(value: Any) -> Any:
@@ -99,6 +102,7 @@ def _json_ready(value: Any) -> Any:
 
 # -- setup ---------------------------------------------------------------------------------
 
+
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The home, spec, request records (raw fields) and feature matrix of the test period."""
     from ml_lifecycle.spec import load_spec
@@ -106,9 +110,12 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     spec_path = Path(args.dataset).resolve()
     dataset = load_spec(spec_path).name
     home = Path(args.home).resolve() if args.home else None
-    usable = (home is not None and not args.synthetic
-              and (home / dataset / "registry" / "aliases.json").exists()
-              and (home / dataset / "online" / "CURRENT").exists())
+    usable = (
+        home is not None
+        and not args.synthetic
+        and (home / dataset / "registry" / "aliases.json").exists()
+        and (home / dataset / "online" / "CURRENT").exists()
+    )
     if not usable:
         from ml_lifecycle_tests.serving_support import write_serving_dataset
         from ml_lifecycle_tests.test_training import run_training
@@ -124,8 +131,13 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     os.environ["ML_LIFECYCLE_DATASET"] = str(spec_path)
     spec = load_spec(spec_path)
     warehouse = Path(args.warehouse) if args.warehouse else spec.paths().warehouse
-    return {"dataset": dataset, "home": home, "spec_path": spec_path, "spec": spec,
-            "warehouse": warehouse}
+    return {
+        "dataset": dataset,
+        "home": home,
+        "spec_path": spec_path,
+        "spec": spec,
+        "warehouse": warehouse,
+    }
 
 
 def load_requests(setup: dict[str, Any], runtime: Any, rows: int) -> dict[str, Any]:
@@ -140,22 +152,32 @@ def load_requests(setup: dict[str, Any], runtime: Any, rows: int) -> dict[str, A
     with duckdb.connect(str(setup["warehouse"]), read_only=True) as conn:
         data = load_model_data(conn, spec, model.state, classes=model.classes)
         test_from = data.boundaries.get("test_from")
-        where = (f"WHERE CAST(({spec.time_sql}) AS TIMESTAMP) >= TIMESTAMP '{test_from}'"
-                 if test_from else "")
+        where = (
+            f"WHERE CAST(({spec.time_sql}) AS TIMESTAMP) >= TIMESTAMP '{test_from}'"
+            if test_from
+            else ""
+        )
         columns = ", ".join(quote(f) for f in fields)
-        raw = conn.sql(f"SELECT {columns} FROM {quote(spec.raw_asset_names()[0])} {where} "
-                       f"ORDER BY hash(rowid) LIMIT {int(rows)}").to_arrow_table().to_pylist()
+        raw = (
+            conn.sql(
+                f"SELECT {columns} FROM {quote(spec.raw_asset_names()[0])} {where} "
+                f"ORDER BY hash(rowid) LIMIT {int(rows)}"
+            )
+            .to_arrow_table()
+            .to_pylist()
+        )
     records = [{k: _json_ready(v) for k, v in r.items()} for r in raw]
     # Keep the records the service accepts (a vocabulary may reject a rare category).
     typed = [dict(zip(fields, (runtime_value(r[f]) for f in fields), strict=True)) for r in records]
     accepted = []
     for start in range(0, len(records), 1000):
         try:
-            runtime.score(typed[start:start + 1000], log=False)
-            accepted += records[start:start + 1000]
+            runtime.score(typed[start : start + 1000], log=False)
+            accepted += records[start : start + 1000]
         except Exception:
-            for record, value in zip(records[start:start + 1000], typed[start:start + 1000],
-                                     strict=True):
+            for record, value in zip(
+                records[start : start + 1000], typed[start : start + 1000], strict=True
+            ):
                 try:
                     runtime.score([value], log=False)
                     accepted.append(record)
@@ -165,12 +187,21 @@ def load_requests(setup: dict[str, Any], runtime: Any, rows: int) -> dict[str, A
     rng = np.random.default_rng(0)
     sample = X[rng.choice(len(X), size=min(rows, len(X)), replace=False)]
     names = data.feature_names
-    feature_rows = [{n: (None if v != v else float(v)) for n, v in zip(names, row, strict=True)}
-                    for row in sample.tolist()]
-    return {"records": accepted, "typed": [dict(zip(fields, (runtime_value(r[f]) for f in fields),
-                                                    strict=True)) for r in accepted],
-            "X": X, "feature_rows": feature_rows, "fields": fields, "features": names,
-            "rejected": len(records) - len(accepted)}
+    feature_rows = [
+        {n: (None if v != v else float(v)) for n, v in zip(names, row, strict=True)}
+        for row in sample.tolist()
+    ]
+    return {
+        "records": accepted,
+        "typed": [
+            dict(zip(fields, (runtime_value(r[f]) for f in fields), strict=True)) for r in accepted
+        ],
+        "X": X,
+        "feature_rows": feature_rows,
+        "fields": fields,
+        "features": names,
+        "rejected": len(records) - len(accepted),
+    }
 
 
 def runtime_value(value: Any) -> Any:
@@ -182,11 +213,14 @@ def runtime_value(value: Any) -> Any:
 
 # -- in process ------------------------------------------------------------------------------
 
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     values = np.asarray(samples) * 1000
-    return {"p50_ms": round(float(np.percentile(values, 50)), 4),
-            "p99_ms": round(float(np.percentile(values, 99)), 4),
-            "mean_ms": round(float(values.mean()), 4)}
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 4),
+        "p99_ms": round(float(np.percentile(values, 99)), 4),
+        "mean_ms": round(float(values.mean()), 4),
+    }
 
 
 def bench_model(booster: Any, X: np.ndarray) -> dict[str, Any]:
@@ -199,8 +233,10 @@ def bench_model(booster: Any, X: np.ndarray) -> dict[str, Any]:
     out["batch1000_rows_per_s"] = round(1000 / best)
     for threads in (0, 1):
         extra = {"num_threads": threads} if threads else {}
-        times = [_timed(lambda i=i, e=extra: booster.predict(X[i:i + 1], **e))
-                 for i in range(min(2000, len(X)))]
+        times = [
+            _timed(lambda i=i, e=extra: booster.predict(X[i : i + 1], **e))
+            for i in range(min(2000, len(X)))
+        ]
         out[f"single_row{'_1thread' if threads else ''}"] = percentiles(times)
     return out
 
@@ -220,22 +256,28 @@ def bench_runtime(runtime: Any, requests: dict[str, Any]) -> dict[str, Any]:
             runtime.score([record], log=log)
         times = [_timed(lambda r=r, g=log: runtime.score([r], log=g)) for r in typed[:1000]]
         out[f"single_{tag}"] = percentiles(times)
-        batches = [typed[i:i + 1000] for i in range(0, min(len(typed), 10_000), 1000)
-                   if len(typed[i:i + 1000]) == 1000]
+        batches = [
+            typed[i : i + 1000]
+            for i in range(0, min(len(typed), 10_000), 1000)
+            if len(typed[i : i + 1000]) == 1000
+        ]
         total = sum(_timed(lambda b=b, g=log: runtime.score(b, log=g)) for b in batches)
         out[f"batch1000_{tag}_rows_per_s"] = round(1000 * len(batches) / total)
     return out
 
 
-def profile_score(service: Any, requests: dict[str, Any], size: int, repeats: int
-                  ) -> dict[str, float]:
+def profile_score(
+    service: Any, requests: dict[str, Any], size: int, repeats: int
+) -> dict[str, float]:
     """One `ServingRuntime.score()` taken apart (the same calls, timed one by one)."""
     from ml_lifecycle.data.cleaning import REQUEST_ROW
 
     runtime = service.RUNTIME
     model = runtime.model
-    bodies = [json.dumps(requests["records"][i:i + size]).encode()
-              for i in range(0, size * repeats, size)]
+    bodies = [
+        json.dumps(requests["records"][i : i + size]).encode()
+        for i in range(0, size * repeats, size)
+    ]
     steps: dict[str, list[float]] = {}
 
     def tick(name: str, since: float) -> float:
@@ -268,15 +310,23 @@ def profile_score(service: Any, requests: dict[str, Any], size: int, repeats: in
         cursor.unregister("__cleaned")
         t = tick("DuckDB matrix: optimise/execute/to Arrow", t)
         names = [n for n in scored.column_names if n.startswith("__m_")]
-        matrix = np.column_stack([scored.column(n).to_numpy(zero_copy_only=False)
-                                  .astype(np.float32) for n in names])
-        readable = scored.select([n for n in scored.column_names
-                                  if not n.startswith("__m_") and n != REQUEST_ROW])
+        matrix = np.column_stack(
+            [scored.column(n).to_numpy(zero_copy_only=False).astype(np.float32) for n in names]
+        )
+        readable = scored.select(
+            [n for n in scored.column_names if not n.startswith("__m_") and n != REQUEST_ROW]
+        )
         t = tick("Arrow -> numpy matrix", t)
         prediction = np.asarray(model.booster.predict(matrix))
         t = tick("LightGBM predict", t)
-        results = [{"request_id": f"r{i}", "model_version": model.version,
-                    **runtime._present(prediction[i], model)} for i in range(len(records))]
+        results = [
+            {
+                "request_id": f"r{i}",
+                "model_version": model.version,
+                **runtime._present(prediction[i], model),
+            }
+            for i in range(len(records))
+        ]
         t = tick("present results", t)
         runtime._log(results, readable, cleaned, prediction, None, None, records)
         t = tick("inference log (to_pylist + JSON + write)", t)
@@ -287,23 +337,43 @@ def profile_score(service: Any, requests: dict[str, Any], size: int, repeats: in
 
 # -- HTTP ----------------------------------------------------------------------------------------
 
+
 def start(target: str, env: dict[str, str], log: Path, cwd: Path) -> Any:
     from ml_lifecycle_tests.serving_support import start_server
 
     return start_server(env, log, target=target, timeout=600, cwd=cwd)
 
 
-def run_wrk(url: str, bodies_file: Path, connections: int, duration: float, max_requests: int
-            ) -> dict[str, Any]:
+def run_wrk(
+    url: str, bodies_file: Path, connections: int, duration: float, max_requests: int
+) -> dict[str, Any]:
     threads = min(connections, 2)
     script = bodies_file.with_suffix(".lua")
     script.write_text(LUA)
-    env = {**os.environ, "WRK_BODIES": str(bodies_file),
-           "WRK_MAX_REQUESTS_PER_THREAD": str(max(1, max_requests // threads))}
+    env = {
+        **os.environ,
+        "WRK_BODIES": str(bodies_file),
+        "WRK_MAX_REQUESTS_PER_THREAD": str(max(1, max_requests // threads)),
+    }
     result = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(duration)}s", "--timeout", "20s",
-         "--latency", "-s", str(script), url], capture_output=True, text=True, env=env,
-        timeout=duration + 120, check=False)
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{int(duration)}s",
+            "--timeout",
+            "20s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=duration + 120,
+        check=False,
+    )
     text = result.stdout
     if result.returncode != 0:
         raise RuntimeError(f"wrk failed: {result.stderr}{text}")
@@ -318,17 +388,23 @@ def run_wrk(url: str, bodies_file: Path, connections: int, duration: float, max_
     count = re.search(r"(\d+) requests in", text).group(1)
     elapsed = ms(re.search(r"requests in (\S+),", text).group(1)) / 1000
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                       text)
-    return {"requests": int(count), "seconds": round(elapsed, 2),
-            "requests_per_s": round(int(count) / elapsed, 1),
-            "p50_ms": ms(dist["50"]), "p99_ms": ms(dist["99"]),
-            "errors": (int(non2xx.group(1)) if non2xx else 0)
-            + (sum(int(g) for g in socket.groups()) if socket else 0)}
+    socket = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    return {
+        "requests": int(count),
+        "seconds": round(elapsed, 2),
+        "requests_per_s": round(int(count) / elapsed, 1),
+        "p50_ms": ms(dist["50"]),
+        "p99_ms": ms(dist["99"]),
+        "errors": (int(non2xx.group(1)) if non2xx else 0)
+        + (sum(int(g) for g in socket.groups()) if socket else 0),
+    }
 
 
-def run_python(url: str, bodies: list[bytes], connections: int, duration: float,
-               max_requests: int) -> dict[str, Any]:
+def run_python(
+    url: str, bodies: list[bytes], connections: int, duration: float, max_requests: int
+) -> dict[str, Any]:
     import threading
 
     import httpx
@@ -357,14 +433,23 @@ def run_python(url: str, bodies: list[bytes], connections: int, duration: float,
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - start_time
-    return {"requests": len(latencies), "seconds": round(elapsed, 2),
-            "requests_per_s": round(len(latencies) / elapsed, 1),
-            **{k: v for k, v in percentiles(latencies).items() if k != "mean_ms"},
-            "errors": errors[0]}
+    return {
+        "requests": len(latencies),
+        "seconds": round(elapsed, 2),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        **{k: v for k, v in percentiles(latencies).items() if k != "mean_ms"},
+        "errors": errors[0],
+    }
 
 
-def http_scenarios(server: Any, single: list[bytes], batch: list[bytes], work: Path,
-                   args: argparse.Namespace, name: str) -> dict[str, Any]:
+def http_scenarios(
+    server: Any,
+    single: list[bytes],
+    batch: list[bytes],
+    work: Path,
+    args: argparse.Namespace,
+    name: str,
+) -> dict[str, Any]:
     import httpx
 
     files = {}
@@ -380,64 +465,98 @@ def http_scenarios(server: Any, single: list[bytes], batch: list[bytes], work: P
         assert response.status_code == 200, response.text[:500]
     use_wrk = shutil.which("wrk") is not None and not args.python_client
     out: dict[str, Any] = {}
-    plan = [("single_c1", "predict", "single", 1, args.max_single),
-            ("single_c8", "predict", "single", 8, args.max_single),
-            ("batch1000_c1", "predict_batch", "batch", 1, args.max_batches),
-            ("batch1000_c2", "predict_batch", "batch", 2, args.max_batches)]
+    plan = [
+        ("single_c1", "predict", "single", 1, args.max_single),
+        ("single_c8", "predict", "single", 8, args.max_single),
+        ("batch1000_c1", "predict_batch", "batch", 1, args.max_batches),
+        ("batch1000_c2", "predict_batch", "batch", 2, args.max_batches),
+    ]
     for key, route, kind, connections, limit in plan:
         before = load1()
         path, bodies = files[kind]
         url = f"{server.url}/{route}"
-        result = (run_wrk(url, path, connections, args.duration, limit) if use_wrk
-                  else run_python(url, bodies, connections, args.duration, limit))
+        result = (
+            run_wrk(url, path, connections, args.duration, limit)
+            if use_wrk
+            else run_python(url, bodies, connections, args.duration, limit)
+        )
         result["load_before"], result["load_after"] = before, load1()
         if kind == "batch":
             result["rows_per_s"] = round(result["requests_per_s"] * 1000)
         out[key] = result
-        print(f"  {name:10s} {key:13s} {result['requests_per_s']:8.1f} req/s  "
-              f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
-              f"errors {result['errors']}  load {before}->{result['load_after']}", flush=True)
+        print(
+            f"  {name:10s} {key:13s} {result['requests_per_s']:8.1f} req/s  "
+            f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
+            f"errors {result['errors']}  load {before}->{result['load_after']}",
+            flush=True,
+        )
     out["client"] = "wrk" if use_wrk else "python-httpx"
     return out
 
 
 # -- report ----------------------------------------------------------------------------------
 
+
 def table(results: dict[str, Any]) -> str:
     http = results["http"]
     limit = results["in_process_model"]
     runtime = results["in_process_runtime"]
-    rows = ["| | in-process predict (limit) | bare BentoML | ours | ours, log off |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| | in-process predict (limit) | bare BentoML | ours | ours, log off |",
+        "|---|---|---|---|---|",
+    ]
 
     def cell(variant: str, key: str, field: str, fmt: str = "{:.2f}") -> str:
         value = http.get(variant, {}).get(key, {}).get(field)
         return fmt.format(value) if value is not None else "-"
 
-    rows.append("| single row p50, 1 conn (ms) | {:.3f} | {} | {} | {} |".format(
-        limit["single_row"]["p50_ms"], *(cell(v, "single_c1", "p50_ms") for v in
-                                         ("bare", "ours", "ours_nolog"))))
-    rows.append("| single row p99, 1 conn (ms) | {:.3f} | {} | {} | {} |".format(
-        limit["single_row"]["p99_ms"], *(cell(v, "single_c1", "p99_ms") for v in
-                                         ("bare", "ours", "ours_nolog"))))
+    rows.append(
+        "| single row p50, 1 conn (ms) | {:.3f} | {} | {} | {} |".format(
+            limit["single_row"]["p50_ms"],
+            *(cell(v, "single_c1", "p50_ms") for v in ("bare", "ours", "ours_nolog")),
+        )
+    )
+    rows.append(
+        "| single row p99, 1 conn (ms) | {:.3f} | {} | {} | {} |".format(
+            limit["single_row"]["p99_ms"],
+            *(cell(v, "single_c1", "p99_ms") for v in ("bare", "ours", "ours_nolog")),
+        )
+    )
     for key, label in (("single_c1", "req/s, 1 conn"), ("single_c8", "req/s, 8 conns")):
-        rows.append(f"| single row {label} | - | " + " | ".join(
-            cell(v, key, "requests_per_s", "{:.0f}") for v in ("bare", "ours", "ours_nolog"))
-            + " |")
-    rows.append("| single row p50 / p99, 8 conns (ms) | - | " + " | ".join(
-        f"{cell(v, 'single_c8', 'p50_ms')} / {cell(v, 'single_c8', 'p99_ms')}"
-        for v in ("bare", "ours", "ours_nolog")) + " |")
+        rows.append(
+            f"| single row {label} | - | "
+            + " | ".join(
+                cell(v, key, "requests_per_s", "{:.0f}") for v in ("bare", "ours", "ours_nolog")
+            )
+            + " |"
+        )
+    rows.append(
+        "| single row p50 / p99, 8 conns (ms) | - | "
+        + " | ".join(
+            f"{cell(v, 'single_c8', 'p50_ms')} / {cell(v, 'single_c8', 'p99_ms')}"
+            for v in ("bare", "ours", "ours_nolog")
+        )
+        + " |"
+    )
     for key, label in (("batch1000_c1", "1 conn"), ("batch1000_c2", "2 conns")):
-        rows.append(f"| 1000-row batches, rows/s, {label} | "
-                    f"{limit['batch1000_rows_per_s']:,} | " + " | ".join(
-                        cell(v, key, "rows_per_s", "{:,.0f}") for v in
-                        ("bare", "ours", "ours_nolog")) + " |")
+        rows.append(
+            f"| 1000-row batches, rows/s, {label} | "
+            f"{limit['batch1000_rows_per_s']:,} | "
+            + " | ".join(
+                cell(v, key, "rows_per_s", "{:,.0f}") for v in ("bare", "ours", "ours_nolog")
+            )
+            + " |"
+        )
     rows.append(f"| bulk predict, rows/s | {limit['bulk_rows_per_s']:,} | - | - | - |")
-    rows.append("| ServingRuntime.score in process, single row p50 (ms) | - | - | "
-                f"{runtime['single_log']['p50_ms']:.3f} | {runtime['single_nolog']['p50_ms']:.3f} |")
-    rows.append("| ServingRuntime.score in process, 1000-row rows/s | - | - | "
-                f"{runtime['batch1000_log_rows_per_s']:,} | "
-                f"{runtime['batch1000_nolog_rows_per_s']:,} |")
+    rows.append(
+        "| ServingRuntime.score in process, single row p50 (ms) | - | - | "
+        f"{runtime['single_log']['p50_ms']:.3f} | {runtime['single_nolog']['p50_ms']:.3f} |"
+    )
+    rows.append(
+        "| ServingRuntime.score in process, 1000-row rows/s | - | - | "
+        f"{runtime['batch1000_log_rows_per_s']:,} | "
+        f"{runtime['batch1000_nolog_rows_per_s']:,} |"
+    )
     return "\n".join(rows)
 
 
@@ -453,18 +572,26 @@ def logging_cost(http: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--home", default=os.environ.get("ML_LIFECYCLE_HOME"),
-                        help="ML_LIFECYCLE_HOME with a trained flights model")
+    parser.add_argument(
+        "--home",
+        default=os.environ.get("ML_LIFECYCLE_HOME"),
+        help="ML_LIFECYCLE_HOME with a trained flights model",
+    )
     parser.add_argument("--dataset", default=str(REPO / "datasets" / "flights.yaml"))
-    parser.add_argument("--warehouse", help="warehouse file to read requests from (default: the "
-                        "home's; a copy avoids DuckDB's lock if a pipeline is writing it)")
+    parser.add_argument(
+        "--warehouse",
+        help="warehouse file to read requests from (default: the "
+        "home's; a copy avoids DuckDB's lock if a pipeline is writing it)",
+    )
     parser.add_argument("--synthetic", action="store_true", help="use the synthetic dataset")
     parser.add_argument("--rows", type=int, default=20_000, help="request rows to draw")
     parser.add_argument("--duration", type=float, default=8, help="seconds per HTTP scenario")
-    parser.add_argument("--max-single", type=int, default=20_000,
-                        help="request cap per single-row scenario")
-    parser.add_argument("--max-batches", type=int, default=200,
-                        help="request cap per 1000-row batch scenario")
+    parser.add_argument(
+        "--max-single", type=int, default=20_000, help="request cap per single-row scenario"
+    )
+    parser.add_argument(
+        "--max-batches", type=int, default=200, help="request cap per 1000-row batch scenario"
+    )
     parser.add_argument("--variants", default="bare,ours,ours_nolog")
     parser.add_argument("--python-client", action="store_true", help="httpx threads, not wrk")
     parser.add_argument("--max-load", type=float, default=1.0)
@@ -485,17 +612,24 @@ def main() -> None:
         runtime = service.RUNTIME
         startup_s = time.perf_counter() - started
         requests = load_requests(setup, runtime, args.rows)
-        print(f"  {len(requests['records'])} request rows ({requests['rejected']} rejected), "
-              f"{len(requests['features'])} model features; runtime start {startup_s:.1f}s",
-              flush=True)
+        print(
+            f"  {len(requests['records'])} request rows ({requests['rejected']} rejected), "
+            f"{len(requests['features'])} model features; runtime start {startup_s:.1f}s",
+            flush=True,
+        )
         quiet = wait_for_quiet(args.max_load, args.wait_minutes)
         print(f"load: {quiet}", flush=True)
         results: dict[str, Any] = {
-            "dataset": setup["dataset"], "machine": {
-                "cpus": os.cpu_count(), "python": platform.python_version(),
-                "platform": platform.platform()},
-            "load": quiet, "runtime_start_s": round(startup_s, 1),
-            "request_rows": len(requests["records"]), "model_version": runtime.model.version,
+            "dataset": setup["dataset"],
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "load": quiet,
+            "runtime_start_s": round(startup_s, 1),
+            "request_rows": len(requests["records"]),
+            "model_version": runtime.model.version,
             "store_events": runtime.seeded_events,
         }
         booster = runtime.model.booster
@@ -510,19 +644,25 @@ def main() -> None:
         runtime.close()
 
         single_ours = [json.dumps(r).encode() for r in requests["records"][:5000]]
-        batch_ours = [json.dumps({"records": requests["records"][i:i + 1000]}).encode()
-                      for i in range(0, min(len(requests["records"]), 10_000), 1000)
-                      if len(requests["records"][i:i + 1000]) == 1000]
+        batch_ours = [
+            json.dumps({"records": requests["records"][i : i + 1000]}).encode()
+            for i in range(0, min(len(requests["records"]), 10_000), 1000)
+            if len(requests["records"][i : i + 1000]) == 1000
+        ]
         single_bare = [json.dumps(r).encode() for r in requests["feature_rows"][:5000]]
-        batch_bare = [json.dumps({"rows": requests["feature_rows"][i:i + 1000]}).encode()
-                      for i in range(0, min(len(requests["feature_rows"]), 10_000), 1000)
-                      if len(requests["feature_rows"][i:i + 1000]) == 1000]
+        batch_bare = [
+            json.dumps({"rows": requests["feature_rows"][i : i + 1000]}).encode()
+            for i in range(0, min(len(requests["feature_rows"]), 10_000), 1000)
+            if len(requests["feature_rows"][i : i + 1000]) == 1000
+        ]
         results["http"] = {}
         bentoml_home = work / "bentoml"
         for variant in args.variants.split(","):
-            env = {"BENTOML_HOME": str(bentoml_home),
-                   "ML_LIFECYCLE_HOME": str(setup["home"]),
-                   "ML_LIFECYCLE_DATASET": str(setup["spec_path"])}
+            env = {
+                "BENTOML_HOME": str(bentoml_home),
+                "ML_LIFECYCLE_HOME": str(setup["home"]),
+                "ML_LIFECYCLE_DATASET": str(setup["spec_path"]),
+            }
             if variant == "bare":
                 import bentoml
 
