@@ -8,7 +8,8 @@ nothing is looked up, validated against a vocabulary or logged.
     BENTOML_HOME=... BARE_MODEL_TAG=bench_lightgbm:latest \
         bentoml serve benchmarks.bare_service:BareLightGBM --host 127.0.0.1 --port 3001
 
-POST /predict with {"<feature>": number|null, ...}; POST /predict_batch with {"rows": [...]}.
+POST /predict with {"<feature>": number|null, ...}; POST /predict_batch with {"rows": [...]};
+POST /predict_matrix with {"rows": [[number|null, ...], ...]} (positional, model order).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class Batch(BaseModel):
     rows: list[Row] = Field(min_length=1, max_length=10_000)  # type: ignore[valid-type]
 
 
+class Matrix(BaseModel):
+    """Rows as positional lists in the model's feature order (no names)."""
+
+    rows: list[list[float | None]] = Field(min_length=1, max_length=10_000)
+
+
 @bentoml.service(name="bare_lightgbm", traffic={"timeout": 60})
 class BareLightGBM:
     model = bentoml.models.BentoModel(MODEL_TAG)
@@ -53,3 +60,8 @@ class BareLightGBM:
     @bentoml.api(route="/predict_batch")
     def predict_batch(self, batch: Batch, /) -> dict[str, list[float]]:
         return {"predictions": self.booster.predict(self._matrix(batch.rows)).tolist()}
+
+    @bentoml.api(route="/predict_matrix")
+    def predict_matrix(self, matrix: Matrix, /) -> dict[str, list[float]]:
+        rows = np.array(matrix.rows, dtype=np.float64)
+        return {"predictions": self.booster.predict(rows).tolist()}

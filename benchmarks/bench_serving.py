@@ -21,7 +21,8 @@ What runs, one after the other (never two servers at once on this 2-CPU machine)
 * HTTP, one BentoML worker each: `bare` (benchmarks/bare_service.py: same model, no feature
   logic), `ours` (ml_lifecycle.serving.service) and `ours_nolog` (ML_LIFECYCLE_INFERENCE_LOG=0).
   Scenarios: single-row /predict at 1 and 8 connections, 1000-row /predict_batch at 1 and 2
-  connections. Load generator: `wrk` (C, rotates over pre-serialised bodies with a Lua script)
+  connections; for `bare` also 1000-row /predict_matrix (rows as positional lists instead of
+  objects with 42 named fields: how much of a batch is JSON/pydantic per field). Load generator: `wrk` (C, rotates over pre-serialised bodies with a Lua script)
   when installed, else Python threads with httpx (slower: it competes for the same 2 CPUs).
 
 Before measuring, the script waits (polling every 30 s, up to `--wait-minutes`) until the
@@ -140,13 +141,15 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def load_requests(setup: dict[str, Any], runtime: Any, rows: int) -> dict[str, Any]:
+def load_requests(setup: dict[str, Any], service: Any, rows: int) -> dict[str, Any]:
     import duckdb
+    from pydantic import TypeAdapter
 
     from ml_lifecycle.data.sources import quote
     from ml_lifecycle.training.dataset import load_model_data
 
     spec = setup["spec"]
+    runtime = service.RUNTIME
     model = runtime.model
     fields = [f.name for f in runtime.fields]
     with duckdb.connect(str(setup["warehouse"]), read_only=True) as conn:
@@ -167,22 +170,24 @@ def load_requests(setup: dict[str, Any], runtime: Any, rows: int) -> dict[str, A
             .to_pylist()
         )
     records = [{k: _json_ready(v) for k, v in r.items()} for r in raw]
-    # Keep the records the service accepts (a vocabulary may reject a rare category).
-    typed = [dict(zip(fields, (runtime_value(r[f]) for f in fields), strict=True)) for r in records]
+    # Keep the records the service accepts (its pydantic model, then the runtime: a vocabulary
+    # may reject a rare category), as the HTTP service would see them.
+    adapter = TypeAdapter(list[service.Record])
+
+    def accepts(chunk: list[dict[str, Any]]) -> bool:
+        try:
+            runtime.score(
+                [r.model_dump() for r in adapter.validate_json(json.dumps(chunk))], log=False
+            )
+            return True
+        except Exception:
+            return False
+
     accepted = []
     for start in range(0, len(records), 1000):
-        try:
-            runtime.score(typed[start : start + 1000], log=False)
-            accepted += records[start : start + 1000]
-        except Exception:
-            for record, value in zip(
-                records[start : start + 1000], typed[start : start + 1000], strict=True
-            ):
-                try:
-                    runtime.score([value], log=False)
-                    accepted.append(record)
-                except Exception:
-                    pass
+        chunk = records[start : start + 1000]
+        accepted += chunk if accepts(chunk) else [r for r in chunk if accepts([r])]
+    typed = [r.model_dump() for r in adapter.validate_json(json.dumps(accepted))]
     X = data.splits["test"].X
     rng = np.random.default_rng(0)
     sample = X[rng.choice(len(X), size=min(rows, len(X)), replace=False)]
@@ -193,22 +198,13 @@ def load_requests(setup: dict[str, Any], runtime: Any, rows: int) -> dict[str, A
     ]
     return {
         "records": accepted,
-        "typed": [
-            dict(zip(fields, (runtime_value(r[f]) for f in fields), strict=True)) for r in accepted
-        ],
+        "typed": typed,
         "X": X,
         "feature_rows": feature_rows,
         "fields": fields,
         "features": names,
         "rejected": len(records) - len(accepted),
     }
-
-
-def runtime_value(value: Any) -> Any:
-    """A JSON value as the service hands it to the runtime (ISO timestamps parsed)."""
-    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?", value):
-        return datetime.fromisoformat(value)
-    return value
 
 
 # -- in process ------------------------------------------------------------------------------
@@ -252,13 +248,13 @@ def bench_runtime(runtime: Any, requests: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for log in (True, False):
         tag = "log" if log else "nolog"
-        for record in typed[:50]:
+        for record in typed[:30]:
             runtime.score([record], log=log)
-        times = [_timed(lambda r=r, g=log: runtime.score([r], log=g)) for r in typed[:1000]]
+        times = [_timed(lambda r=r, g=log: runtime.score([r], log=g)) for r in typed[:300]]
         out[f"single_{tag}"] = percentiles(times)
         batches = [
             typed[i : i + 1000]
-            for i in range(0, min(len(typed), 10_000), 1000)
+            for i in range(0, min(len(typed), 5000), 1000)
             if len(typed[i : i + 1000]) == 1000
         ]
         total = sum(_timed(lambda b=b, g=log: runtime.score(b, log=g)) for b in batches)
@@ -387,11 +383,18 @@ def run_wrk(
         raise RuntimeError(f"cannot read wrk's output:\n{text}\n{result.stderr}")
     count = re.search(r"(\d+) requests in", text).group(1)
     elapsed = ms(re.search(r"requests in (\S+),", text).group(1)) / 1000
+    capped = int(count) >= threads * max(1, max_requests // threads)
+    if capped:
+        # wrk reports the whole -d duration even when the request cap stopped its threads
+        # early: estimate the busy time from the mean latency instead.
+        mean = ms(re.search(r"Latency\s+(\S+)", text).group(1)) / 1000
+        elapsed = mean * int(count) / connections
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     socket = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
     )
     return {
+        "capped": capped,
         "requests": int(count),
         "seconds": round(elapsed, 2),
         "requests_per_s": round(int(count) / elapsed, 1),
@@ -449,11 +452,13 @@ def http_scenarios(
     work: Path,
     args: argparse.Namespace,
     name: str,
+    matrix: list[bytes] | None = None,
 ) -> dict[str, Any]:
     import httpx
 
     files = {}
-    for kind, bodies in (("single", single), ("batch", batch)):
+    kinds = [("single", single), ("batch", batch)] + ([("matrix", matrix)] if matrix else [])
+    for kind, bodies in kinds:
         path = work / f"{name}_{kind}.jsonl"
         path.write_bytes(b"\n".join(bodies) + b"\n")
         files[kind] = (path, bodies)
@@ -471,6 +476,8 @@ def http_scenarios(
         ("batch1000_c1", "predict_batch", "batch", 1, args.max_batches),
         ("batch1000_c2", "predict_batch", "batch", 2, args.max_batches),
     ]
+    if matrix:  # the bare service's positional payload: rows as lists, no field names
+        plan.append(("batch1000_matrix_c1", "predict_matrix", "matrix", 1, args.max_batches))
     for key, route, kind, connections, limit in plan:
         before = load1()
         path, bodies = files[kind]
@@ -481,7 +488,7 @@ def http_scenarios(
             else run_python(url, bodies, connections, args.duration, limit)
         )
         result["load_before"], result["load_after"] = before, load1()
-        if kind == "batch":
+        if kind in ("batch", "matrix"):
             result["rows_per_s"] = round(result["requests_per_s"] * 1000)
         out[key] = result
         print(
@@ -547,6 +554,11 @@ def table(results: dict[str, Any]) -> str:
             )
             + " |"
         )
+    rows.append(
+        "| 1000-row batches, rows/s, positional lists (no field names), 1 conn | - | "
+        + cell("bare", "batch1000_matrix_c1", "rows_per_s", "{:,.0f}")
+        + " | - | - |"
+    )
     rows.append(f"| bulk predict, rows/s | {limit['bulk_rows_per_s']:,} | - | - | - |")
     rows.append(
         "| ServingRuntime.score in process, single row p50 (ms) | - | - | "
@@ -611,7 +623,7 @@ def main() -> None:
 
         runtime = service.RUNTIME
         startup_s = time.perf_counter() - started
-        requests = load_requests(setup, runtime, args.rows)
+        requests = load_requests(setup, service, args.rows)
         print(
             f"  {len(requests['records'])} request rows ({requests['rejected']} rejected), "
             f"{len(requests['features'])} model features; runtime start {startup_s:.1f}s",
@@ -638,8 +650,8 @@ def main() -> None:
         print("in-process ServingRuntime.score...", flush=True)
         results["in_process_runtime"] = bench_runtime(runtime, requests)
         results["profile_ms"] = {
-            "single_row": profile_score(service, requests, 1, 300),
-            "batch_1000": profile_score(service, requests, 1000, 8),
+            "single_row": profile_score(service, requests, 1, 200),
+            "batch_1000": profile_score(service, requests, 1000, 5),
         }
         runtime.close()
 
@@ -654,6 +666,13 @@ def main() -> None:
             json.dumps({"rows": requests["feature_rows"][i : i + 1000]}).encode()
             for i in range(0, min(len(requests["feature_rows"]), 10_000), 1000)
             if len(requests["feature_rows"][i : i + 1000]) == 1000
+        ]
+        matrix_bare = [
+            json.dumps({"rows": requests["X"][i : i + 1000].astype(float).tolist()})
+            .replace("NaN", "null")
+            .encode()
+            for i in range(0, min(len(requests["X"]), 10_000), 1000)
+            if len(requests["X"][i : i + 1000]) == 1000
         ]
         results["http"] = {}
         bentoml_home = work / "bentoml"
@@ -671,16 +690,20 @@ def main() -> None:
                 env["BARE_MODEL_TAG"] = str(saved.tag)
                 target, cwd = "bare_service:BareLightGBM", REPO / "benchmarks"
                 bodies = (single_bare, batch_bare)
+                extra = {"matrix": matrix_bare}
             else:
                 env["ML_LIFECYCLE_INFERENCE_LOG"] = "0" if variant == "ours_nolog" else "1"
                 target, cwd = "ml_lifecycle.serving.service:Predictor", REPO
                 bodies = (single_ours, batch_ours)
+                extra = {}
             print(f"serving {variant}...", flush=True)
             started = time.perf_counter()
             server = start(target, env, work / f"{variant}.log", cwd)
             try:
                 ready = time.perf_counter() - started
-                results["http"][variant] = http_scenarios(server, *bodies, work, args, variant)
+                results["http"][variant] = http_scenarios(
+                    server, *bodies, work, args, variant, **extra
+                )
                 results["http"][variant]["ready_s"] = round(ready, 1)
             finally:
                 server.stop()

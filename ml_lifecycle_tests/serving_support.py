@@ -19,8 +19,13 @@ import polars as pl
 import yaml
 
 SITES = ["north", "south", "east", "west", "harbour"]
-REGIONS = {"north": "upland", "south": "coast", "east": "coast", "west": "upland",
-           "harbour": "coast"}
+REGIONS = {
+    "north": "upland",
+    "south": "coast",
+    "east": "coast",
+    "west": "upland",
+    "harbour": "coast",
+}
 VEHICLES = ["van", "truck", "bike", "car", "bus", "tram"]
 START = np.datetime64("2024-01-01T00:00")
 DAYS = 151  # 2024-01-01 .. 2024-05-30: five months, time split test=May, valid=April
@@ -52,38 +57,54 @@ def write_serving_dataset(folder: Path, rows: int = 5000, seed: int = 7) -> Path
         wind_by_site[name] = wind
         keep = rng.random(hours.size) > 0.1
         for gap in rng.integers(0, hours.size - 8, 12):  # 12 gaps of 6 hours per site
-            keep[gap:gap + 6] = False
+            keep[gap : gap + 6] = False
         observed = (START + hours[keep].astype("timedelta64[h]")).astype("datetime64[us]")
-        readings.append(pl.DataFrame({
-            "site": [name] * int(keep.sum()),
-            "observed_at": observed,
-            "wind": np.round(wind[keep], 2),
-            "rain": np.round(rng.exponential(1.0, int(keep.sum())), 2),
-        }))
+        readings.append(
+            pl.DataFrame(
+                {
+                    "site": [name] * int(keep.sum()),
+                    "observed_at": observed,
+                    "wind": np.round(wind[keep], 2),
+                    "rain": np.round(rng.exponential(1.0, int(keep.sum())), 2),
+                }
+            )
+        )
     hour_index = (minutes // 60).astype(int)
     wind_at = np.array([wind_by_site[s][h] for s, h in zip(site, hour_index, strict=True)])
     regime = {name: np.repeat(rng.normal(0, 6, DAYS // 3 + 1), 3)[:DAYS] for name in SITES}
     day = minutes // (60 * 24)
     site_regime = np.array([regime[s][d] for s, d in zip(site, day, strict=True)])
     base = {"north": 2, "south": 6, "east": 0, "west": 4, "harbour": 9}
-    delay = (np.array([base[s] for s in site]) + 0.4 * wind_at + site_regime
-             + 3 * (vehicle == "truck") + rng.normal(0, 6, rows))
+    delay = (
+        np.array([base[s] for s in site])
+        + 0.4 * wind_at
+        + site_regime
+        + 3 * (vehicle == "truck")
+        + rng.normal(0, 6, rows)
+    )
     delay = np.clip(np.round(delay), -10, 180).astype(int)
-    trips = pl.DataFrame({
-        "trip_id": np.arange(1, rows + 1),
-        "sched_at": sched,
-        "site": site,
-        "vehicle": pl.Series(vehicle.tolist(), dtype=pl.String),
-        "distance": pl.Series(distance.tolist(), dtype=pl.Float64),
-        "passengers": passengers,
-        "delay": delay,
-    })
+    # A few trips without a site (the key of both references and both aggregates): scored with
+    # "(missing)", no joined readings or facts and no history, offline and online alike.
+    site = site.astype(object)
+    site[rng.random(rows) < 0.02] = None
+    trips = pl.DataFrame(
+        {
+            "trip_id": np.arange(1, rows + 1),
+            "sched_at": sched,
+            "site": pl.Series(site.tolist(), dtype=pl.String),
+            "vehicle": pl.Series(vehicle.tolist(), dtype=pl.String),
+            "distance": pl.Series(distance.tolist(), dtype=pl.Float64),
+            "passengers": passengers,
+            "delay": delay,
+        }
+    )
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     trips.write_csv(data / "trips.csv")
     pl.concat(readings).sort("observed_at").write_csv(data / "readings.csv")
-    pl.DataFrame({"site": SITES, "capacity": [120, 80, 60, 100, 40],
-                  "region": [REGIONS[s] for s in SITES]}).write_csv(data / "sites.csv")
+    pl.DataFrame(
+        {"site": SITES, "capacity": [120, 80, 60, 100, 40], "region": [REGIONS[s] for s in SITES]}
+    ).write_csv(data / "sites.csv")
 
     spec = {
         "name": "synthetic_serving",
@@ -96,23 +117,46 @@ def write_serving_dataset(folder: Path, rows: int = 5000, seed: int = 7) -> Path
         "categorical_columns": ["site", "vehicle"],
         "valid_ranges": {"distance": [0, 1000]},
         "references": [
-            {"name": "readings", "source": {"path": "data/readings.csv"}, "keys": ["site"],
-             "time_column": "observed_at", "max_age": "3h"},
+            {
+                "name": "readings",
+                "source": {"path": "data/readings.csv"},
+                "keys": ["site"],
+                "time_column": "observed_at",
+                "max_age": "3h",
+            },
             {"name": "sites", "source": {"path": "data/sites.csv"}, "keys": ["site"]},
         ],
         "aggregates": [
-            {"name": "site_delay_3h", "keys": ["site"], "value": "delay",
-             "known_at": "__time + to_minutes(CAST(delay AS BIGINT))",
-             "window": "3h", "lag": "1h", "statistics": ["mean", "count", "max"]},
-            {"name": "site_late_7d", "keys": ["site"], "value": "CAST(__target AS DOUBLE)",
-             "window": "7d", "lag": "1h", "statistics": ["mean", "count"]},
+            {
+                "name": "site_delay_3h",
+                "keys": ["site"],
+                "value": "delay",
+                "known_at": "__time + to_minutes(CAST(delay AS BIGINT))",
+                "window": "3h",
+                "lag": "1h",
+                "statistics": ["mean", "count", "max"],
+            },
+            {
+                "name": "site_late_7d",
+                "keys": ["site"],
+                "value": "CAST(__target AS DOUBLE)",
+                "window": "7d",
+                "lag": "1h",
+                "statistics": ["mean", "count"],
+            },
         ],
         "split": {"method": "time", "period": "month", "test": 1, "valid": 1},
     }
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    (folder / "spec.params.yaml").write_text(yaml.safe_dump({
-        "lightgbm": {"num_leaves": 15, "learning_rate": 0.1, "min_data_in_leaf": 20},
-        "num_boost_round": 60, "early_stopping_rounds": 10}))
+    (folder / "spec.params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "lightgbm": {"num_leaves": 15, "learning_rate": 0.1, "min_data_in_leaf": 20},
+                "num_boost_round": 60,
+                "early_stopping_rounds": 10,
+            }
+        )
+    )
     return folder / "spec.yaml"
 
 
@@ -146,8 +190,9 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.process.returncode}:\n"
-                                   f"{self.tail()}")
+                raise RuntimeError(
+                    f"bentoml serve exited with {self.process.returncode}:\n{self.tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
@@ -161,8 +206,9 @@ class Server:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
-def launch_server(env: dict[str, str], log: Path, target: str = SERVICE,
-                  cwd: Path | None = None) -> Server:
+def launch_server(
+    env: dict[str, str], log: Path, target: str = SERVICE, cwd: Path | None = None
+) -> Server:
     """Start `bentoml serve target` with `env` on a free loopback port (not waiting)."""
     port = free_port()
     bentoml = Path(sys.executable).with_name("bentoml")
@@ -170,13 +216,22 @@ def launch_server(env: dict[str, str], log: Path, target: str = SERVICE,
     with log.open("wb") as handle:
         process = subprocess.Popen(
             [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT,
-            cwd=cwd or Path(__file__).resolve().parents[1], start_new_session=True)
+            env={**os.environ, **env},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=cwd or Path(__file__).resolve().parents[1],
+            start_new_session=True,
+        )
     return Server(process, f"http://127.0.0.1:{port}", log, env)
 
 
-def start_server(env: dict[str, str], log: Path, target: str = SERVICE,
-                 timeout: float = 180.0, cwd: Path | None = None) -> Server:
+def start_server(
+    env: dict[str, str],
+    log: Path,
+    target: str = SERVICE,
+    timeout: float = 180.0,
+    cwd: Path | None = None,
+) -> Server:
     """Start `bentoml serve target` and wait for /readyz."""
     server = launch_server(env, log, target, cwd)
     server.wait_ready(timeout)

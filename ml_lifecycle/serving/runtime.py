@@ -66,6 +66,9 @@ class RequestField:
     dtype: str
     python_type: type
     required: bool
+    # A required key (reference/aggregate) may still be null, as in the data: offline such a row
+    # is scored with "(missing)" and no joined or history values; only ids and time may not.
+    nullable: bool = False
     description: str = ""
 
 
@@ -160,7 +163,8 @@ class ServingRuntime:
         raw_names = [f.name for f in self.raw_schema]
         used_roots = {c.origin for c in flat if c.name in self.plan.roles}
         used_roots |= _referenced(spec.time_sql, raw_names)
-        required = set(spec.id_columns) | _referenced(spec.time_sql, raw_names)
+        not_null = set(spec.id_columns) | _referenced(spec.time_sql, raw_names)
+        required = set(not_null)
         for ref in spec.references:
             required |= set(ref.keys)
         for aggregate in spec.aggregates:
@@ -168,15 +172,18 @@ class ServingRuntime:
         target_roots = {spec.target} if spec.target else set()
         return self._fields(primary, [n for n in raw_names if (n in used_roots - target_roots
                                       and n not in spec.drop_columns)
-                                      or n in _referenced(spec.time_sql, raw_names)], required)
+                                      or n in _referenced(spec.time_sql, raw_names)], required,
+                            not_null)
 
     def _event_fields(self, primary: str) -> list[RequestField]:
         """Events (the feed that keeps aggregates current) may carry every raw column."""
         raw_names = [f.name for f in self.raw_schema if not f.name.startswith("__")]
         required = {f.name for f in self.fields if f.required}
-        return self._fields(primary, raw_names, required)
+        not_null = {f.name for f in self.fields if f.required and not f.nullable}
+        return self._fields(primary, raw_names, required, not_null)
 
-    def _fields(self, primary: str, names: list[str], required: set[str]) -> list[RequestField]:
+    def _fields(self, primary: str, names: list[str], required: set[str],
+                not_null: set[str]) -> list[RequestField]:
         described = dict(self.db.execute("SELECT column_name, data_type FROM "
                                          "information_schema.columns WHERE table_name = ?",
                                          [primary]).fetchall())
@@ -185,7 +192,8 @@ class ServingRuntime:
             dtype = described[name]
             python_type = _PY_TYPES.get(dtype.split("(")[0].upper(), dict if dtype.startswith(
                 "STRUCT") else str)
-            out.append(RequestField(name, dtype, python_type, name in required))
+            out.append(RequestField(name, dtype, python_type, name in required,
+                                    nullable=name not in not_null))
         return out
 
     # -- models ---------------------------------------------------------------------------
@@ -468,8 +476,8 @@ class ServingRuntime:
                 "model_version": self.model.version,
                 "shadow_version": self.shadow.version if self.shadow else None,
                 "snapshot": self.snapshot.name, "swaps": self.swaps,
-                "request_fields": {f.name: {"type": f.dtype, "required": f.required}
-                                   for f in self.fields}}
+                "request_fields": {f.name: {"type": f.dtype, "required": f.required,
+                                            "nullable": f.nullable} for f in self.fields}}
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:

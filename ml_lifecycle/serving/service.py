@@ -63,7 +63,9 @@ def _model(name: str, fields: list[RequestField], all_optional: bool = False) ->
             low, high = _INT_RANGES.get(spec_field.dtype.split("(")[0].upper(), _INT_RANGES["BIGINT"])
             python_type = Annotated[int, Field(ge=low, le=high)]
         if spec_field.required and not all_optional:
-            definitions[spec_field.name] = (python_type, Field(description=spec_field.dtype))
+            # Required: the key must be sent; a nullable one may be null (as in the data).
+            required_type = python_type | None if spec_field.nullable else python_type
+            definitions[spec_field.name] = (required_type, Field(description=spec_field.dtype))
         else:
             definitions[spec_field.name] = (python_type | None,
                                             Field(None, description=spec_field.dtype))
