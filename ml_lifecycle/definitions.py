@@ -32,8 +32,12 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
         "data_pipeline",
         selection=dg.AssetSelection.groups("data"),
         description=(
-            "Stage 1: ingest new landing files into raw_* tables, clean and join them, build "
-            "features; Great Expectations checks block bad data. Launched by landing_sensor."
+            "Stage 1: ingest new landing files into raw_* tables (only files not seen before), "
+            "clean and join them, build features; blocking Great Expectations checks stop bad "
+            "data before it reaches the next table. Fires when `landing_sensor` sees new or "
+            "changed landing files (checked every 30 s; runs tagged ml_lifecycle/trigger="
+            "landing_sensor), or on demand: Materialize all on this page, "
+            "`ml-lifecycle run data_pipeline`."
         ),
     )
     training_pipeline = dg.define_asset_job(
@@ -41,9 +45,12 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
         selection=dg.AssetSelection.groups("data", "training")
         | dg.AssetSelection.assets("online_features"),
         description=(
-            "The main job: raw files -> features -> model -> evaluation_report -> champion (the "
-            "promotion gate decides), on a fresh home with no arguments (landing files are "
-            "created if missing)."
+            "The main job, stages 1-2: raw files -> features -> model -> evaluation_report -> "
+            "champion (the blocking promotion_gate check decides) plus the online feature "
+            "snapshot; works on a fresh home with no arguments (landing files are created if "
+            "missing). Runs on demand: `make demo`, `ml-lifecycle run`, Materialize all on this "
+            "page. Retraining by itself needs no job: `lifecycle_automation` re-materializes "
+            "model -> champion when drift fails `retrain_required` or the params file changes."
         ),
     )
     serving_pipeline = dg.define_asset_job(
@@ -51,23 +58,29 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
         selection=dg.AssetSelection.groups("serving"),
         description=(
             "Stage 3: export the online feature snapshot and build a Bento for the current "
-            "champion (`bentoml build`); the asset metadata shows the command to serve it."
+            "champion (`bentoml build`); the asset metadata shows the command to serve it. Run "
+            "it on demand to ship a container; `make serve` needs no Bento (the service follows "
+            "the registry's champion alias live)."
         ),
     )
     monitoring_pipeline = dg.define_asset_job(
         "monitoring_pipeline",
         selection=dg.AssetSelection.assets("drift_metrics"),
         description=(
-            "Stage 4: drift and live performance per window of the inference log, with checks; "
-            "an error-level failure makes the automation retrain the model."
+            "Stage 4: drift and live performance per window of the inference log, with checks "
+            "that name the features and thresholds passed. A failed `retrain_required` check "
+            "makes `lifecycle_automation` retrain the model on its next tick. Runs on demand "
+            "(the demo runs it after every replayed month; add a schedule in production)."
         ),
     )
     notifier = Notifier(webhook_url=spec.monitoring.webhook_url or "",
                         alerts_file=str(paths.root / "alerts.jsonl"))
 
     @dg.run_failure_sensor(name="run_failure_alerts", default_status=dg.DefaultSensorStatus.RUNNING,
-                           description="Sends an alert (log, alerts.jsonl, optional webhook) "
-                                       "for every failed run.")
+                           description="Fires when any run of this code location fails: sends "
+                                       "an alert (run log, <home>/alerts.jsonl and the spec's "
+                                       "monitoring.webhook_url when set) naming the job and "
+                                       "the error.")
     def run_failure_alerts(context: dg.RunFailureSensorContext) -> None:
         notifier.send("run_failed", "error",
                       f"run {context.dagster_run.run_id[:8]} of {context.dagster_run.job_name} "
@@ -78,10 +91,15 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
         target=dg.AssetSelection.all(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
+        # Automation runs are named __ASSET_JOB by Dagster; the tags say why they started.
+        run_tags={"ml_lifecycle/trigger": "lifecycle_automation",
+                  "ml_lifecycle/why": "automation condition (see the asset's Automation tab)"},
         description=(
-            "Evaluates the assets' automation conditions every 30 s: cleaned/features refresh "
-            "when their inputs change and their blocking checks pass; the model retrains when "
-            "its params file (code version) changes; evaluation and promotion follow."
+            "Every 30 s, evaluates the assets' automation conditions and launches runs (tagged "
+            "ml_lifecycle/trigger=lifecycle_automation): cleaned/features refresh when their "
+            "inputs change and their blocking checks pass; the model retrains when a failing "
+            "`drift_metrics` retrain_required check asks for it or its params file (code "
+            "version) changes; evaluation, the promotion gate and promotion follow."
         ),
     )
     return dg.Definitions(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
+from ml_lifecycle.assets.plots import INLINE_MARKDOWN_LIMIT
 from ml_lifecycle.definitions import build_definitions
 from ml_lifecycle.settings import DEFAULT_SPEC, REPO_ROOT
 from ml_lifecycle.spec import load_spec
@@ -63,3 +66,73 @@ def test_flights_definitions_have_the_data_stage(home: Path) -> None:
 def test_building_the_definitions_writes_nothing(home: Path) -> None:
     build_definitions(load_spec(DEFAULT_SPEC))
     assert list(home.iterdir()) == []
+
+
+def test_every_asset_job_sensor_and_check_explains_itself(home: Path) -> None:
+    spec = load_spec(DEFAULT_SPEC)
+    defs = build_definitions(spec)
+    graph = defs.resolve_asset_graph()
+
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        name = key.to_user_string()
+        assert node.group_name in {"data", "training", "serving", "monitoring"}, name
+        assert node.description and len(node.description) > 60, name
+        assert set(node.owners) == set(spec.owners), name
+    for check_key in graph.asset_check_keys:
+        description = graph.get_check_spec(check_key).description
+        assert description and len(description) > 40, check_key
+
+    for job in ("data_pipeline", "training_pipeline", "serving_pipeline", "monitoring_pipeline"):
+        description = defs.resolve_job_def(job).description or ""
+        # What it does and when it runs ("fires", "runs on demand", "every 30 s", ...).
+        assert len(description) > 120, job
+        assert any(word in description for word in ("Fires", "Runs", "runs", "on demand")), job
+    for sensor in defs.sensors:
+        assert sensor.description and any(
+            word in sensor.description for word in ("Every", "Fires", "every")), sensor.name
+    automation = next(s for s in defs.sensors if s.name == "lifecycle_automation")
+    # Dagster names automation runs __ASSET_JOB: the tags say what started them.
+    assert automation.run_tags["ml_lifecycle/trigger"] == "lifecycle_automation"
+
+
+def _significant_digits(value: float) -> int:
+    digits = f"{abs(value):.15g}".replace(".", "").lstrip("0")
+    return len(digits.rstrip("0") or "0")
+
+
+def test_evaluation_plots_render_inline_and_metrics_are_rounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an instance with local compute logs (what `dagster dev` uses), every plot is a short
+    markdown image the UI shows inline, and the PNG it points to is where the webserver's
+    /logs route reads it; metrics are plain floats with at most 4 significant digits."""
+    from ml_lifecycle_tests.test_training import write_dataset
+
+    monkeypatch.setenv("ML_LIFECYCLE_HOME", str(tmp_path / "home"))
+    spec = load_spec(write_dataset(tmp_path / "ds", "binary", rows=1500))
+    defs = build_definitions(spec)
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        result = defs.resolve_job_def("training_pipeline").execute_in_process(instance=instance)
+        assert result.success
+        materialization = next(
+            m for m in result.asset_materializations_for_node("evaluation_report"))
+        metadata = materialization.metadata
+        manager = instance.compute_log_manager
+
+        plots = {label: entry.value for label, entry in metadata.items()
+                 if label.startswith("plot_")}
+        assert set(plots) == {"plot_roc", "plot_pr", "plot_calibration", "plot_importance"}
+        for label, markdown in plots.items():
+            assert len(markdown) < INLINE_MARKDOWN_LIMIT, label
+            match = re.fullmatch(r"!\[[^\]]+\]\(/logs/(.+)/png\)", markdown)
+            assert match, markdown
+            path = Path(manager.get_captured_local_path(match.group(1).split("/"), "png"))
+            assert path.read_bytes().startswith(b"\x89PNG"), path
+
+        floats = {label: entry.value for label, entry in metadata.items()
+                  if isinstance(entry, dg.FloatMetadataValue)}
+        assert {"test_roc_auc", "test_log_loss", "valid_roc_auc"} <= set(floats)
+        assert all(_significant_digits(v) <= 4 for v in floats.values() if v is not None), floats
+        assert "plots" in metadata  # the base64 copy, for storage the webserver cannot read

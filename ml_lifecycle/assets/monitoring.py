@@ -11,6 +11,7 @@ import dagster as dg
 import polars as pl
 
 from ml_lifecycle.assets.catalog import markdown_table
+from ml_lifecycle.assets.plots import inline_plots
 from ml_lifecycle.monitoring.live import (
     monitor_windows,
     performance_status,
@@ -22,7 +23,7 @@ from ml_lifecycle.resources import Warehouse
 from ml_lifecycle.spec import DatasetSpec
 from ml_lifecycle.training.metrics import PRIMARY
 from ml_lifecycle.training.registry import ModelRegistry
-from ml_lifecycle.training.report import plot_png, png_markdown
+from ml_lifecycle.training.report import plot_png, png_markdown, round_sig, rounded
 
 GROUP = "monitoring"
 RETRAIN_CHECK = "retrain_required"
@@ -78,6 +79,7 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
         "inference_log",
         group_name=GROUP,
         kinds={"jsonl"},
+        owners=spec.owners or None,
         description=(
             f"Every prediction the service made (request id, time, model version, features as "
             f"scored, prediction) and the labels that arrived, as JSON lines under "
@@ -148,6 +150,7 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
             windows.append({
                 "window_start": result.window, "model_version": result.model_version,
                 "rows": result.rows, "drift_status": result.status,
+                "drift_reasons": "; ".join(result.drift.get("reasons") or []),
                 "drifted_share": result.drift.get("drifted_share"),
                 "prediction_psi": (result.drift.get("prediction") or {}).get("psi"),
                 "labelled": result.labelled,
@@ -168,18 +171,24 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
         latest = windows[-1] if windows else {}
         plot = _drift_plot(rows)
         context.log.info(f"drift: {len(windows)} window(s); latest {latest}")
+        shown = [{k: v for k, v in w.items() if k != "drift_reasons"} for w in windows]
+        title = "Drift per feature and window (max of PSI, JS)"
         return dg.MaterializeResult(metadata={
             "windows": len(windows),
             "latest_window": latest.get("window_start", "none"),
-            "latest_drifted_share": float(latest.get("drifted_share") or 0.0),
-            "latest_prediction_psi": float(latest.get("prediction_psi") or 0.0),
-            "latest_live_metric": float(latest["live_metric"]) if latest.get(
-                "live_metric") is not None else None,
+            "latest_drift_status": latest.get("drift_status", "none"),
+            "latest_drift_reasons": latest.get("drift_reasons") or "none",
+            "latest_drifted_share": round_sig(latest.get("drifted_share") or 0.0),
+            "latest_prediction_psi": round_sig(latest.get("prediction_psi") or 0.0),
+            "latest_live_metric": round_sig(latest.get("live_metric")),
+            # The heatmap inline on the asset page (no click), then the same PNG in a dialog.
+            **(inline_plots(context.instance, "drift_metrics", context.run_id,
+                            {"drift": plot}, {"drift": title}) if plot else {}),
             "by_window": dg.MetadataValue.md(markdown_table(
-                list(windows[0]) if windows else ["window"],
-                [[_short(v) for v in w.values()] for w in windows])),
-            "drift_plot": dg.MetadataValue.md(png_markdown(plot, "drift") if plot else "no data"),
-            "windows_json": dg.MetadataValue.json(windows),
+                list(shown[0]) if shown else ["window"],
+                [[_short(v) for v in w.values()] for w in shown])),
+            "drift_plot": dg.MetadataValue.md(png_markdown(plot, title) if plot else "no data"),
+            "windows_json": dg.MetadataValue.json(rounded(windows)),
         })
 
     def _latest(conn) -> dict[str, Any] | None:
@@ -192,11 +201,15 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
 
     def _worst_features(conn, window: str, limit: int = 5) -> list[dict[str, Any]]:
         frame = conn.sql(
-            "SELECT feature, status, psi, ks, js, unseen_share FROM drift_metrics "
+            "SELECT feature, status, psi, ks, js, unseen_share, stats FROM drift_metrics "
             f"WHERE window_start = '{window}' AND status <> 'ok' "
             "ORDER BY greatest(coalesce(psi, 0), coalesce(js, 0)) DESC LIMIT ?",
             params=[limit]).pl()
-        return frame.to_dicts()
+        worst = []
+        for row in frame.to_dicts():
+            stats = json.loads(row.pop("stats") or "{}")
+            worst.append({**rounded(row), "past_thresholds": "; ".join(stats.get("reasons") or [])})
+        return worst
 
     @dg.asset_check(
         asset=drift_metrics,
@@ -214,19 +227,32 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
         if not latest:
             return dg.AssetCheckResult(passed=True, description="no logged predictions yet")
         status = latest["drift_status"]
+        # Each feature with the thresholds it passed, e.g. "x1 (error: psi 0.812 > 0.25)".
         described = "; ".join(
-            f"{w['feature']} ({w['status']}: psi={_short(w['psi'])}, ks={_short(w['ks'])}, "
-            f"js={_short(w['js'])})" for w in worst)
+            f"{w['feature']} ({w['status']}: {w['past_thresholds'] or _stats_text(w)})"
+            for w in worst)
         passed = status == "ok"
         if not passed:
             notifier.send("drift", status, f"window {latest['window_start']}: {described}",
                           dataset=spec.name, drifted_share=latest["drifted_share"])
+        window_reasons = latest.get("drift_reasons") or ""
         return dg.AssetCheckResult(
             passed=passed, severity=dg.AssetCheckSeverity.WARN,
-            description=(f"window {latest['window_start']}: drift {status}; "
-                         f"drifted share {_short(latest['drifted_share'])}"
-                         + (f"; {described}" if described else "")),
-            metadata={"window_start": latest["window_start"], "features": dg.MetadataValue.json(worst)})
+            description=(f"window {latest['window_start']}: drift {status}"
+                         + (f" ({window_reasons})" if window_reasons else
+                            f"; drifted share {_short(latest['drifted_share'])}")
+                         + (f"; worst features: {described}" if described else "")),
+            metadata={
+                "window_start": latest["window_start"],
+                "drift_status": status,
+                "drifted_share": round_sig(latest["drifted_share"]),
+                "thresholds (warn, error)": _thresholds_text(spec),
+                "features": dg.MetadataValue.md(markdown_table(
+                    ["feature", "status", "past thresholds", "psi", "ks", "js", "unseen share"],
+                    [[w["feature"], w["status"], w["past_thresholds"], _short(w["psi"]),
+                      _short(w["ks"]), _short(w["js"]), _short(w["unseen_share"])]
+                     for w in worst]) if worst else "no feature past a threshold"),
+            })
 
     @dg.asset_check(
         asset=drift_metrics,
@@ -242,16 +268,23 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
         if not latest or latest.get("performance_status") in (None, "unknown"):
             return dg.AssetCheckResult(passed=True, description="no labelled window yet")
         status = latest["performance_status"]
+        warn, error = spec.monitoring.performance_drop
         text = (f"window {latest['window_start']}: live {PRIMARY[spec.task]} "
-                f"{_short(latest['live_metric'])} vs test {_short(latest['test_metric'])} "
-                f"(drop {_short(latest['performance_drop'])})")
+                f"{_short(latest['live_metric'])} vs test {_short(latest['test_metric'])}: "
+                f"drop {_short(latest['performance_drop'])} (thresholds: warn {warn:g}, "
+                f"error {error:g}; monitoring.performance_drop)")
         if status != "ok":
             notifier.send("performance", status, text, dataset=spec.name)
         return dg.AssetCheckResult(
             passed=status == "ok",
             severity=dg.AssetCheckSeverity.ERROR if status == "error"
             else dg.AssetCheckSeverity.WARN,
-            description=text)
+            description=text,
+            metadata={"window_start": latest["window_start"], "status": status,
+                      "live_metric": round_sig(latest["live_metric"]),
+                      "test_metric": round_sig(latest["test_metric"]),
+                      "performance_drop": round_sig(latest["performance_drop"]),
+                      "drop_warn": warn, "drop_error": error})
 
     @dg.asset_check(
         asset=drift_metrics,
@@ -272,9 +305,14 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
             return dg.AssetCheckResult(passed=True, description="no logged predictions yet")
         reasons = []
         if latest["drift_status"] == "error":
-            reasons.append(f"drift error (drifted share {_short(latest['drifted_share'])})")
+            share_error = spec.thresholds.drift.drifted_share[1]
+            reasons.append(f"drift error (drifted share {_short(latest['drifted_share'])}, "
+                           f"error threshold {share_error:g}"
+                           + (f": {latest['drift_reasons']}" if latest.get("drift_reasons")
+                              else "") + ")")
         if latest.get("performance_status") == "error":
-            reasons.append(f"performance drop {_short(latest['performance_drop'])}")
+            reasons.append(f"performance drop {_short(latest['performance_drop'])} > error "
+                           f"threshold {spec.monitoring.performance_drop[1]:g}")
         champion = ModelRegistry(paths.registry).alias("champion")
         span = served_span(spec, champion) if champion else None
         cooling = span is not None and span < spec.monitoring.cooldown
@@ -325,7 +363,8 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
             conn.execute("INSERT INTO service_health VALUES (?, ?, ?, ?, ?, ?, ?)",
                          [health["scraped_at"], url, health["requests"], health["errors"],
                           health["error_rate"], health["p50_ms"], health["p99_ms"]])
-        return dg.MaterializeResult(metadata={k: v for k, v in health.items()
+        return dg.MaterializeResult(metadata={k: round_sig(v) if isinstance(v, float) else v
+                                              for k, v in health.items()
                                               if isinstance(v, int | float)})
 
     @dg.asset_check(asset=service_health, name="latency_and_errors",
@@ -351,8 +390,20 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
 
 def _short(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def _stats_text(row: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={_short(row[key])}" for key in ("psi", "ks", "js")
+                     if row.get(key) is not None)
+
+
+def _thresholds_text(spec: DatasetSpec) -> str:
+    drift = spec.thresholds.drift
+    return ", ".join(f"{key} {warn:g}/{error:g}" for key, (warn, error) in
+                     (("psi", drift.psi), ("ks", drift.ks), ("js", drift.js),
+                      ("drifted share", drift.drifted_share)))
 
 
 def parse_health(text: str) -> dict[str, Any]:

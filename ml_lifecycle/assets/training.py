@@ -14,6 +14,7 @@ import dagster as dg
 import numpy as np
 
 from ml_lifecycle.assets.monitoring import retrain_condition
+from ml_lifecycle.assets.plots import inline_plots
 from ml_lifecycle.data.features import load_state
 from ml_lifecycle.monitoring.profile import build_profile
 from ml_lifecycle.resources import Warehouse
@@ -34,9 +35,12 @@ from ml_lifecycle.training.params import (
 )
 from ml_lifecycle.training.registry import ModelRegistry
 from ml_lifecycle.training.report import (
+    PLOT_TITLES,
     evaluation_plots,
     metrics_markdown,
     png_markdown,
+    round_sig,
+    rounded,
     write_report,
 )
 from ml_lifecycle.training.trainer import gain_importance, predict
@@ -56,8 +60,8 @@ class ModelConfig(dg.Config):
 
 
 def _floats(metrics: dict[str, float], prefix: str) -> dict[str, Any]:
-    return {f"{prefix}{name}": float(value) if value == value else None
-            for name, value in metrics.items()}
+    """Metrics as plain floats (4 significant digits): the UI plots each one's history."""
+    return {f"{prefix}{name}": round_sig(value) for name, value in metrics.items()}
 
 
 def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
@@ -156,7 +160,7 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
             "trained_on": trained.trained_on,
             **_floats(trained.valid_metrics, "valid_"),
             "rows": dg.MetadataValue.json(counts),
-            "params": dg.MetadataValue.json(trained.params.model_dump()),
+            "params": dg.MetadataValue.json(rounded(trained.params.model_dump())),
             "data_snapshot": snapshot,
             "search_trials": len(trained.trials),
             "experiments": dg.MetadataValue.md(_experiments_markdown(history)),
@@ -241,15 +245,19 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
                             status="evaluated")
         context.log.info(f"{challenger_version}: test {metrics['test']}; gate: {decision['reason']}")
         plot_md = "\n\n".join(png_markdown(png, name) for name, png in plots.items())
+        titles = {name: f"{PLOT_TITLES.get(name, name)} ({challenger_version}, test)"
+                  for name in plots}
         return dg.MaterializeResult(metadata={
             "model_version": challenger_version,
+            "promotion_decision": decision["decision"],
+            "promotion_reason": decision["reason"],
             **_floats(metrics["test"], "test_"),
+            # One inline image per plot, right under the headline numbers (no click needed).
+            **inline_plots(context.instance, "evaluation_report", context.run_id, plots, titles),
             **_floats(metrics["valid"], "valid_"),
             **_floats(baseline["test"], "baseline_test_"),
             "metrics": dg.MetadataValue.md(metrics_markdown(report)),
             "plots": dg.MetadataValue.md(plot_md),
-            "promotion_decision": decision["decision"],
-            "promotion_reason": decision["reason"],
             "champion_version": champion_version or "none",
             "report_json": dg.MetadataValue.path(str(json_path)),
             "report_html": dg.MetadataValue.path(str(html_path)),
@@ -273,6 +281,7 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
         if not passed:
             registry().audit("refused", decision["challenger"], decision["reason"],
                              champion=decision["champion"], checks=decision["checks"])
+        failed = [c for c in decision["checks"] if not c["passed"]]
         return dg.AssetCheckResult(
             passed=passed,
             severity=dg.AssetCheckSeverity.ERROR,
@@ -280,7 +289,9 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
             metadata={
                 "challenger": decision["challenger"],
                 "champion": decision["champion"] or "none",
-                "checks": dg.MetadataValue.json(decision["checks"]),
+                "failed_checks": "; ".join(c["check"] for c in failed) or "none",
+                "checks": dg.MetadataValue.md(_gate_markdown(decision["checks"])),
+                "checks_json": dg.MetadataValue.json(rounded(decision["checks"])),
             },
         )
 
@@ -316,6 +327,40 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
         })
 
     return [model, evaluation_report, champion], [promotion_gate]
+
+
+def _gate_markdown(checks: list[dict[str, Any]]) -> str:
+    """The gate's checks as a table: what was required, what was found, by how much it missed."""
+    from ml_lifecycle.assets.catalog import markdown_table
+
+    rows = []
+    for check in checks:
+        value, champion = check.get("value"), check.get("champion")
+        rows.append([check["check"], "pass" if check["passed"] else "FAIL",
+                     _sig(value), _sig(champion) if champion is not None else "",
+                     _miss(check)])
+    return markdown_table(["check", "result", "challenger", "champion", "missed by"], rows)
+
+
+def _sig(value: Any) -> str:
+    number = round_sig(value) if isinstance(value, int | float) else None
+    return "n/a" if number is None else f"{number:g}"
+
+
+def _miss(check: dict[str, Any]) -> str:
+    """How far a failed threshold check is from its bound ("" when it passed or has no bound)."""
+    if check["passed"] or not isinstance(check.get("value"), int | float):
+        return ""
+    parts = check["check"].split()
+    reference = check.get("champion")
+    if reference is None and len(parts) == 3 and parts[1] in (">=", "<="):
+        try:
+            reference = float(parts[2])
+        except ValueError:
+            return ""
+    if not isinstance(reference, int | float):
+        return ""
+    return _sig(abs(check["value"] - reference))
 
 
 def _experiments_markdown(rows: list[dict[str, Any]]) -> str:

@@ -291,6 +291,32 @@ def evaluation_plots(
 
 # -- tables ---------------------------------------------------------------------------------
 
+SIGNIFICANT_DIGITS = 4
+
+
+def round_sig(value: float | None, digits: int = SIGNIFICANT_DIGITS) -> float | None:
+    """`value` to `digits` significant digits (0.7429461945 -> 0.7429, 1234567.8 -> 1235000.0);
+    None for None, NaN and infinities, so metadata never shows 16 digits or a non-number."""
+    if value is None:
+        return None
+    number = float(value)
+    if not math.isfinite(number):
+        return None
+    return float(f"{number:.{digits}g}")
+
+
+def rounded(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """The same structure (dicts, lists) with every float at `digits` significant digits."""
+    if isinstance(value, Mapping):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(item, digits) for item in value]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, float | np.floating):
+        return round_sig(value, digits)
+    return value
+
 
 def _format(value: Any) -> str:
     if value is None:
