@@ -251,8 +251,14 @@ def save_state(conn: duckdb.DuckDBPyConnection, state: FeatureState) -> None:
                  [state.version, state.model_dump_json()])
 
 
-def build_features_sql(spec: DatasetSpec, state: FeatureState, table: str = "cleaned") -> str:
-    """The statement that builds the features table from the cleaned table."""
+def build_features_sql(spec: DatasetSpec, state: FeatureState, table: str = "cleaned",
+                       aggregate_tables: dict[str, str] | None = None) -> str:
+    """The statement that builds the features table from the cleaned table.
+
+    `aggregate_tables` maps an aggregate's name to a table already holding its values by
+    `__rowid` (`aggregates.compute_aggregates`); the others are computed inline in SQL.
+    """
+    aggregate_tables = aggregate_tables or {}
     ids = [f"c.{quote(i)}" for i in spec.id_columns if i not in state.categories]
     head = [*ids]
     if spec.has_time:
@@ -262,7 +268,9 @@ def build_features_sql(spec: DatasetSpec, state: FeatureState, table: str = "cle
     joins = []
     for index, aggregate in enumerate(spec.aggregates):
         alias = f"a{index}"
-        ctes.append(f"{alias} AS ({aggregate_sql(aggregate, table)})")
+        source = (f"SELECT * FROM {quote(aggregate_tables[aggregate.name])}"
+                  if aggregate.name in aggregate_tables else aggregate_sql(aggregate, table))
+        ctes.append(f"{alias} AS ({source})")
         joins.append(f"LEFT JOIN {alias} ON {alias}.__rowid = c.rowid")
     items = feature_select_sql(state, "c", {
         name: f"a{index}.{quote(name)}"
