@@ -1,8 +1,9 @@
 """The Dagster UI end to end, in a real headless Chromium: `dagster dev` on a free loopback port
 with a fresh home and a small synthetic dataset; the lineage shows every lifecycle asset in its
-group; the data stage and then the training stage are materialized by clicking in the UI; the
-evaluation report's plots render. Screenshots go to artifacts/ui/ (and the lineage picture to
-docs/asset-graph.png, shown by the README).
+group; `data_pipeline` and then `training_pipeline` are launched by clicking "Materialize all"
+on their job pages (so the runs carry the job's name, not __ASSET_JOB); the evaluation report's
+plots render inline on its asset page, with no click. Screenshots go to artifacts/ui/ (and the
+lineage picture to docs/asset-graph.png, shown by the README).
 
 Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` Python package (no
 `playwright install`: the system browser is used); skipped when either is missing.
@@ -26,7 +27,9 @@ from ml_lifecycle_tests.ui_support import (
     asset_nodes,
     assets_by_group_in_graph,
     graph_clip,
-    materialize_group_from_ui,
+    materialize_job_from_ui,
+    recent_runs,
+    run_info,
     show_whole_graph,
     wait_for_run,
 )
@@ -109,6 +112,14 @@ def test_lifecycle_in_the_dagster_ui(spec_path: Path, dagster_ui: DagsterDev, br
     assert any(k.startswith("raw_") for k in by_group["data"])
     assert set(by_group["training"]) == {"model", "evaluation_report", "champion"}
     launched = by_group["data"] + by_group["training"]
+    job_assets = {
+        job: sorted(
+            k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.selected_asset_keys
+        )
+        for job in ("data_pipeline", "training_pipeline")
+    }
+    assert job_assets["data_pipeline"] == by_group["data"]
+    assert set(launched) <= set(job_assets["training_pipeline"])
 
     base = dagster_ui.url
     page = new_page(browser, VIEWPORT)
@@ -125,38 +136,58 @@ def test_lifecycle_in_the_dagster_ui(spec_path: Path, dagster_ui: DagsterDev, br
         assert assets_by_group_in_graph(page) == groups
         page.screenshot(path=ARTIFACTS / "01-asset-graph.png")
 
-        # b. The data stage, launched from its group page; its run page reports success.
+        # b. The data stage, launched from its job's page: the run is named data_pipeline.
         next_step("data run")
         page.set_viewport_size(VIEWPORT)
-        run_id = materialize_group_from_ui(page, base, "data", by_group["data"])
+        run_id = materialize_job_from_ui(page, base, "data_pipeline", job_assets["data_pipeline"])
         print(f"data stage: run {run_id}")
         wait_for_run(page, base, run_id, RUN_TIMEOUT)
-        expect(page.get_by_text(f"{len(by_group['data'])} assets", exact=True)).to_be_visible()
+        count = len(job_assets["data_pipeline"])
+        expect(page.get_by_text(f"{count} assets", exact=True)).to_be_visible()
         expect(page.get_by_text("Success", exact=True).first).to_be_visible()
+        assert run_info(base, run_id)["jobName"] == "data_pipeline"
         page.screenshot(path=ARTIFACTS / "02-data-run.png")
 
-        # c. The training stage the same way, then the evaluation report's plots.
+        # c. The main job the same way (stage 1 again, then training and promotion).
         next_step("training run")
-        run_id = materialize_group_from_ui(page, base, "training", by_group["training"])
+        run_id = materialize_job_from_ui(
+            page, base, "training_pipeline", job_assets["training_pipeline"]
+        )
         print(f"training stage: run {run_id}")
         wait_for_run(page, base, run_id, RUN_TIMEOUT)
-        expect(page.get_by_text(f"{len(by_group['training'])} assets", exact=True)).to_be_visible()
+        count = len(job_assets["training_pipeline"])
+        expect(page.get_by_text(f"{count} assets", exact=True)).to_be_visible()
+        assert run_info(base, run_id)["jobName"] == "training_pipeline"
         page.screenshot(path=ARTIFACTS / "03-training-run.png")
 
+        # d. The evaluation report's asset page shows its plots inline: no dialog to open.
         next_step("evaluation report")
+        page.set_viewport_size({"width": VIEWPORT["width"], "height": 2400})
         page.goto(f"{base}/assets/evaluation_report")
         expect(page.get_by_text("Test and validation metrics", exact=False).first).to_be_visible()
+        for label in ("test_roc_auc", "promotion_decision", "plot_roc", "plot_importance"):
+            expect(page.get_by_text(label, exact=True).first).to_be_visible()
+        expect(page.get_by_role("dialog")).to_have_count(0)
+        inline = page.locator('img[src^="/logs/ml_lifecycle_plots/evaluation_report/"]')
+        expect(inline).to_have_count(4)  # roc, pr, calibration, importance
+        expect(inline.first).to_be_visible()
+        widths = [
+            img.evaluate("e => e.decode().then(() => e.naturalWidth)") for img in inline.all()
+        ]
+        assert all(w > 100 for w in widths), widths  # real plots, fetched from the webserver
+        inline.first.scroll_into_view_if_needed()
+        page.screenshot(path=ARTIFACTS / "04-evaluation-plots-inline.png", full_page=True)
+        print(f"evaluation_report: {len(widths)} plots inline, widths {widths}")
+
+        # The same PNGs, base64 in the event log, behind "[Show Markdown]" (any storage).
         plots_row = page.locator("tr").filter(has=page.get_by_text("plots", exact=True))
         plots_row.first.get_by_text("[Show Markdown]").click()
-        dialog = page.get_by_role("dialog")
-        images = dialog.locator('img[src^="data:image/png;base64,"]')
+        images = page.get_by_role("dialog").locator('img[src^="data:image/png;base64,"]')
         expect(images.first).to_be_visible()
-        widths = [
-            img.evaluate("e => e.decode().then(() => e.naturalWidth)") for img in images.all()
-        ]
-        assert widths and all(w > 0 for w in widths), widths
-        page.screenshot(path=ARTIFACTS / "04-evaluation-plots.png")
-        print(f"evaluation_report: {len(widths)} plots rendered, widths {widths}")
+        assert images.count() == len(widths)
+        page.screenshot(path=ARTIFACTS / "05-evaluation-plots-dialog.png")
+        page.keyboard.press("Escape")
+        page.set_viewport_size(VIEWPORT)
 
         # The lineage again, both stages materialized: the README's picture (cropped).
         next_step("final lineage")
@@ -164,9 +195,18 @@ def test_lifecycle_in_the_dagster_ui(spec_path: Path, dagster_ui: DagsterDev, br
         for key in launched:
             node = asset_nodes(page).filter(has=page.locator(f'[data-tooltip="{key}"]'))
             expect(node).not_to_contain_text("Never materialized")
-        page.screenshot(path=ARTIFACTS / "05-asset-graph-materialized.png")
+        page.screenshot(path=ARTIFACTS / "06-asset-graph-materialized.png")
         README_PICTURE.parent.mkdir(exist_ok=True)
         page.screenshot(path=README_PICTURE, clip=graph_clip(page))
+
+        # Runs say what started them: the landing sensor's runs (it found the landing files at
+        # start-up) are data_pipeline runs tagged with their trigger.
+        by_sensor = [
+            r
+            for r in recent_runs(base)
+            if r["tags"].get("ml_lifecycle/trigger") == "landing_sensor"
+        ]
+        assert by_sensor and {r["jobName"] for r in by_sensor} == {"data_pipeline"}, by_sensor
     except Exception:
         if not page.is_closed():
             page.screenshot(path=ARTIFACTS / "failure.png")

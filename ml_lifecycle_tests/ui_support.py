@@ -2,13 +2,14 @@
 it drives through Playwright (Debian's chromium, no browser download).
 
 The Dagster production UI (checked with dagster-webserver 1.13) has almost no test ids: pages
-are found by route (`/asset-groups`, `/locations/<location>/asset-groups/<group>`, `/runs/<id>`,
-`/assets/<key>`), role, text and `data-tooltip` (an asset node's key, a group box's name).
+are found by route (`/asset-groups`, `/locations/<location>/asset-groups/<group>`,
+`/locations/<location>/jobs/<job>`, `/runs/<id>`, `/assets/<key>`), role, text and `data-tooltip` (an asset node's key, a group box's name).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -213,12 +214,65 @@ def graph_clip(page: Any, margin: int = 16) -> dict[str, float]:
 def materialize_group_from_ui(
     page: Any, base_url: str, group: str, keys: list[str], timeout_ms: int = 60_000
 ) -> str:
-    """Click "Materialize all" on the group's page; returns the launched run's full id."""
+    """Click "Materialize all" on the group's page; returns the launched run's full id. The
+    run is named __ASSET_JOB (a group page prefers no job): use `materialize_job_from_ui`."""
     from playwright.sync_api import expect
 
     page.goto(f"{base_url}/locations/{LOCATION}/asset-groups/{group}")
     for key in keys:  # the group's graph is drawn: the button covers all of them
         expect(page.locator(f'[data-tooltip="{key}"]').first).to_be_visible()
+    return _materialize_all(page, base_url, f"group {group}", timeout_ms)
+
+
+def materialize_job_from_ui(
+    page: Any, base_url: str, job: str, keys: list[str], timeout_ms: int = 60_000
+) -> str:
+    """Click "Materialize all" on an asset job's page: the run is named after the job."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{base_url}/locations/{LOCATION}/jobs/{job}")
+    # The header counts the job's assets (the graph may not fit them all on screen).
+    expect(page.get_by_text(f"View {len(keys)} assets", exact=True)).to_be_visible()
+    expect(page.locator("foreignObject").first).to_be_attached()  # the graph is drawn
+    return _materialize_all(page, base_url, f"job {job}", timeout_ms)
+
+
+def run_info(base_url: str, run_id: str) -> dict[str, Any]:
+    """The run's job name, status and tags, from the webserver's GraphQL API."""
+    query = (
+        "query($id: ID!) { runOrError(runId: $id) { ... on Run { jobName status "
+        "tags { key value } } } }"
+    )
+    body = json.dumps({"query": query, "variables": {"id": run_id}}).encode()
+    request = urllib.request.Request(
+        f"{base_url}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        run = json.loads(answer.read())["data"]["runOrError"]
+    run["tags"] = {tag["key"]: tag["value"] for tag in run.get("tags", [])}
+    return run
+
+
+def recent_runs(base_url: str, limit: int = 50) -> list[dict[str, Any]]:
+    """The latest runs' ids, job names and tags, from the webserver's GraphQL API."""
+    query = (
+        "query($limit: Int) { runsOrError(limit: $limit) { ... on Runs { results { runId "
+        "jobName status tags { key value } } } } }"
+    )
+    body = json.dumps({"query": query, "variables": {"limit": limit}}).encode()
+    request = urllib.request.Request(
+        f"{base_url}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        runs = json.loads(answer.read())["data"]["runsOrError"]["results"]
+    for run in runs:
+        run["tags"] = {tag["key"]: tag["value"] for tag in run.get("tags", [])}
+    return runs
+
+
+def _materialize_all(page: Any, base_url: str, where: str, timeout_ms: int) -> str:
+    from playwright.sync_api import expect
+
     button = page.get_by_role("button", name="Materialize all")  # name: icon + label
     expect(button).to_be_enabled()
     button.click()
@@ -234,7 +288,7 @@ def materialize_group_from_ui(
             if confirm.count():
                 confirm.last.click()
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no 'Launched run' toast after materializing group {group}")
+            raise TimeoutError(f"no 'Launched run' toast after materializing {where}")
         page.wait_for_timeout(250)
     short_id = re.search(r"[0-9a-f]{8}", toast.first.inner_text()).group(0)
     run_page = re.compile(rf"/runs/{short_id}-[0-9a-f-]{{27}}")
