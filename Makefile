@@ -8,7 +8,8 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export ML_LIFECYCLE_HOME ?= $(CURDIR)/data
 
 PORT ?= 3000
-.PHONY: install instance demo test ui serve lint format bench-data experiments clean
+.PHONY: install instance demo test ui serve lint format bench-data bench-training bench-serving \
+	bench-drift bench-scale bench-readme experiments clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +56,26 @@ format: install
 ## bench-data: stage 1 on flights and on a 10x copy, side by side with pandas
 bench-data: install
 	$(PY) benchmarks/bench_data.py
+
+## bench-training: stage 2, the `model` step vs LightGBM direct vs pandas + scikit-learn
+bench-training: install
+	$(PY) benchmarks/bench_training.py
+
+## bench-serving: stage 3, the service over HTTP vs bare BentoML vs the model alone
+bench-serving: install
+	$(PY) benchmarks/bench_serving.py
+
+## bench-drift: stage 4, drift on 1M x 25 vs numpy/scipy and Evidently
+bench-drift: install
+	$(PY) benchmarks/bench_drift.py
+
+## bench-scale: data + training at growing scales, in process vs Dask
+bench-scale: install
+	$(PY) benchmarks/bench_scale.py
+
+## bench-readme: rewrite the README's benchmark table from benchmarks/results/*.json
+bench-readme:
+	$(PY) docs/bench_table.py
 
 clean:
 	rm -rf $(ML_LIFECYCLE_HOME)/*/ $(DAGSTER_HOME)

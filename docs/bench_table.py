@@ -1,0 +1,219 @@
+"""Rewrite the README's benchmark table from benchmarks/results/*.json (the source of truth).
+
+    .venv/bin/python docs/bench_table.py          # or: make bench-readme
+
+Only the lines between the BENCHMARKS:START and BENCHMARKS:END markers change. A benchmark whose
+results file is missing, or lacks a figure, shows "not recorded" instead of failing, so the
+table can be refreshed after any one benchmark was re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+README = REPO / "README.md"
+START, END = "<!-- BENCHMARKS:START", "<!-- BENCHMARKS:END -->"
+MISSING = "not recorded"
+
+
+def _load(name: str) -> dict[str, Any]:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _get(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _num(value: Any, unit: str = "", digits: int = 3) -> str:
+    """A figure at `digits` significant digits, thousands separated: 1499.37 -> "1,499 s"."""
+    if not isinstance(value, int | float):
+        return MISSING
+    number = float(f"{value:.{digits}g}")
+    text = f"{number:,.0f}" if abs(number) >= 100 else f"{number:g}"
+    return f"{text}{unit}"
+
+
+def _ratio(ours: Any, other: Any) -> str:
+    if not isinstance(ours, int | float) or not isinstance(other, int | float) or not ours:
+        return ""
+    return (
+        f"; ours {_num(other / ours, 'x', 2)} faster"
+        if other > ours
+        else (f"; ours {_num(ours / other, 'x', 2)} slower")
+    )
+
+
+def _date(data: dict[str, Any], name: str) -> str:
+    """The run's date from the results, else the results file's last commit date."""
+    text = data.get("date") or data.get("started") or data.get("timestamp")
+    if text:
+        return str(text)[:10]
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return MISSING
+    done = subprocess.run(
+        ["git", "log", "-1", "--format=%cs", "--", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() or MISSING
+
+
+def data_rows() -> list[list[str]]:
+    data = _load("bench_data")
+    rows = []
+    for scale, label in (("1x", "336,776 flights"), ("10x", "3,367,760 flights")):
+        ours = _get(data, "summary", "by_scale", scale, "ours") or _get(
+            data, "runs", f"{scale}/ours"
+        )
+        checks = _get(data, "summary", "by_scale", scale, "ours+checks") or _get(
+            data, "runs", f"{scale}/ours+checks"
+        )
+        pandas = _get(data, "summary", "by_scale", scale, "pandas") or _get(
+            data, "runs", f"{scale}/pandas"
+        )
+        rows.append(
+            [
+                f"1 data, {scale} ({label})",
+                "raw → cleaned → features, wall / peak RSS",
+                f"{_num(_get(ours, 'wall_s'), ' s')} / {_num(_get(ours, 'peak_rss_mb'), ' MB')}; "
+                f"with GX checks {_num(_get(checks, 'wall_s'), ' s')}",
+                f"pandas {_num(_get(pandas, 'wall_s'), ' s')} / "
+                f"{_num(_get(pandas, 'peak_rss_mb'), ' MB')}"
+                + _ratio(_get(ours, "wall_s"), _get(pandas, "wall_s")),
+                _date(data, "bench_data"),
+                "`make bench-data`",
+            ]
+        )
+    return rows
+
+
+def training_rows() -> list[list[str]]:
+    data = _load("bench_training")
+    summary = _get(data, "summary", "1x") or {}
+    dag, direct, skl = (summary.get(k) or {} for k in ("dagster", "direct", "sklearn"))
+    overhead = _get(summary, "overhead", "model_step_vs_read_train")
+    rows = (
+        [
+            [
+                "2 training, 1x",
+                "`model` step vs the same read + train without Dagster; test ROC AUC",
+                f"{MISSING} yet",
+                "LightGBM direct; pandas + scikit-learn",
+                MISSING,
+                "`make bench-training`",
+            ]
+        ]
+        if not dag
+        else [
+            [
+                "2 training, 1x",
+                "`model` step vs the same read + train without Dagster; test ROC AUC",
+                f"{_num(dag.get('model_step_s'), ' s')}, AUC {_num(dag.get('test_roc_auc'))}"
+                + (f" (overhead {overhead:+.0%})" if isinstance(overhead, int | float) else ""),
+                f"LightGBM direct {_num(direct.get('read_train_s'), ' s')}; pandas + scikit-learn "
+                f"{_num(skl.get('wall_s'), ' s')}, AUC {_num(skl.get('test_roc_auc'))}",
+                _date(data, "bench_training"),
+                "`make bench-training`",
+            ]
+        ]
+    )
+    scale = _load("bench_scale")
+    local, dask = _get(scale, "runs", "1x/in_process") or {}, _get(scale, "runs", "1x/dask") or {}
+    rows.append(
+        [
+            "2 training, scale-out",
+            "training run (model → champion), in process vs `lightgbm.dask`, 2 workers",
+            f"Dask {_num(dask.get('wall_s'), ' s')}, AUC {_num(dask.get('test_roc_auc'))}",
+            f"in process {_num(local.get('wall_s'), ' s')}, AUC {_num(local.get('test_roc_auc'))}",
+            _date(scale, "bench_scale"),
+            "`make bench-scale`",
+        ]
+    )
+    return rows
+
+
+def serving_rows() -> list[list[str]]:
+    data = _load("bench_serving")
+    ours, bare = _get(data, "http", "ours") or {}, _get(data, "http", "bare") or {}
+    return [
+        [
+            "3 serving, single row",
+            "HTTP p50 / p99 latency, 1 connection",
+            f"{_num(_get(ours, 'single_c1', 'p50_ms'), ' ms')} / "
+            f"{_num(_get(ours, 'single_c1', 'p99_ms'), ' ms')}",
+            f"bare BentoML + LightGBM {_num(_get(bare, 'single_c1', 'p50_ms'), ' ms')} / "
+            f"{_num(_get(bare, 'single_c1', 'p99_ms'), ' ms')}",
+            _date(data, "bench_serving"),
+            "`make bench-serving`",
+        ],
+        [
+            "3 serving, batches",
+            "rows/s in 1000-row requests, 1 connection",
+            _num(_get(ours, "batch1000_c1", "rows_per_s"), " rows/s"),
+            f"bare BentoML {_num(_get(bare, 'batch1000_c1', 'rows_per_s'), ' rows/s')}; "
+            f"model alone {_num(_get(data, 'in_process_model', 'bulk_rows_per_s'), ' rows/s')}",
+            _date(data, "bench_serving"),
+            "`make bench-serving`",
+        ],
+    ]
+
+
+def drift_rows() -> list[list[str]]:
+    data = _load("bench_drift")
+    results = data.get("results") or {}
+    ours, scipy, evidently = (results.get(k) or {} for k in ("ours", "scipy", "evidently"))
+    rows = _get(data, "rows", "current")
+    return [
+        [
+            "4 drift",
+            f"{_num(rows)} current vs reference rows, 25 columns: time / peak RSS",
+            f"{_num(ours.get('median_s'), ' s')} / {_num(ours.get('peak_mb'), ' MB')}",
+            f"Evidently {_num(evidently.get('median_s'), ' s')} / "
+            f"{_num(evidently.get('peak_mb'), ' MB')}"
+            + _ratio(ours.get("median_s"), evidently.get("median_s"))
+            + f"; numpy/scipy {_num(scipy.get('median_s'), ' s')}",
+            _date(data, "bench_drift"),
+            "`make bench-drift`",
+        ]
+    ]
+
+
+def table() -> str:
+    header = ["stage", "what is measured", "ml-lifecycle", "compared with", "run on", "reproduce"]
+    rows = data_rows() + training_rows() + serving_rows() + drift_rows()
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    text = README.read_text()
+    if START not in text or END not in text:
+        print(f"{README}: markers {START} ... {END} not found", file=sys.stderr)
+        return 1
+    head, rest = text.split(START, 1)
+    marker_line, _, _ = rest.partition("\n")
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}{marker_line}\n{table()}\n{END}{tail}"
+    if new != text:
+        README.write_text(new)
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
