@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 
 from ml_lifecycle.assets.catalog import table_metadata
+from ml_lifecycle.data.aggregates import compute_aggregates
 from ml_lifecycle.data.cleaning import clean, load_roles
 from ml_lifecycle.data.features import (
     build_features_sql,
@@ -158,7 +159,11 @@ def build_data_assets(spec: DatasetSpec) -> list[dg.AssetsDefinition]:
             plan_roles = load_roles(conn, "cleaned")
             previous = load_state(conn)
             state = fit_feature_state(conn, spec, plan_roles, previous=previous)
-            conn.execute(f"CREATE OR REPLACE TABLE features AS {build_features_sql(spec, state)}")
+            aggregate_tables = compute_aggregates(conn, spec)
+            conn.execute("CREATE OR REPLACE TABLE features AS "
+                         f"{build_features_sql(spec, state, aggregate_tables=aggregate_tables)}")
+            for table in aggregate_tables.values():
+                conn.execute(f"DROP TABLE IF EXISTS {quote(table)}")
             save_state(conn, state)
             lineage = {f.name: [("cleaned", s) for s in f.source] for f in state.features}
             for column in [*spec.id_columns, TIME, TARGET]:
