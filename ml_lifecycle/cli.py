@@ -40,40 +40,52 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
-def run_job(job_name: str) -> bool:
-    """Execute a job on the persistent instance with a progress bar; print what happened."""
+UI_URL = "http://127.0.0.1:3001"  # `make ui`
+
+
+def execute_with_progress(job_name: str, instance, selection: list[str] | None = None,
+                          run_config: dict | None = None, tags: dict[str, str] | None = None,
+                          desc: str | None = None, leave: bool = True):
+    """Execute a job (optionally a subset of its assets) on `instance` while a progress bar
+    counts its finished steps; returns (the run, or None when it failed to start; the error)."""
+    import uuid
+
     import dagster as dg
     from tqdm import tqdm
 
     from ml_lifecycle.definitions import defs
 
-    instance = _instance()
     job_def = defs.resolve_job_def(job_name)
-    total = len(job_def.nodes)
+    keys = [dg.AssetKey(s) for s in selection] if selection else None
+    try:
+        total = len((job_def.get_subset(asset_selection=set(keys)) if keys else job_def).nodes)
+    except Exception:  # only the bar's length: count without a total
+        total = None
+    token = uuid.uuid4().hex
     result: dict = {}
 
     def target() -> None:
         job = dg.build_reconstructable_job(
             "ml_lifecycle.definitions", "job_by_name", reconstructable_args=(job_name,))
         try:
-            quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-            with dg.execute_job(job, instance=instance, run_config=quiet) as outcome:
-                result["success"] = outcome.success
+            with dg.execute_job(job, instance=instance, run_config=run_config,
+                                asset_selection=keys,
+                                tags={"ml_lifecycle/trigger": "cli", **(tags or {}),
+                                      "ml_lifecycle/cli_token": token}) as outcome:
                 result["run_id"] = outcome.run_id
-        except Exception as error:  # surfaced below; the run's own events hold the details
+        except Exception as error:  # surfaced to the caller; the run's events hold details
             result["error"] = error
 
-    before = {r.run_id for r in instance.get_runs(filters=dg.RunsFilter(job_name=job_name), limit=5)}
     worker = threading.Thread(target=target, daemon=True)
     worker.start()
-    bar = tqdm(total=total, desc=job_name, unit="step", file=sys.stdout)
+    bar = tqdm(total=total, desc=desc or job_name, unit="step", file=sys.stdout, leave=leave)
     run_id = None
     seen: set[str] = set()
-    while worker.is_alive() or run_id is None:
+    while True:
         if run_id is None:
-            runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name), limit=1)
-            if runs and runs[0].run_id not in before:
-                run_id = runs[0].run_id
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={"ml_lifecycle/cli_token": token}),
+                                     limit=1)
+            run_id = runs[0].run_id if runs else None
         if run_id:
             for record in instance.all_logs(run_id, of_type={
                     dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
@@ -88,25 +100,45 @@ def run_job(job_name: str) -> bool:
         time.sleep(0.3)
     worker.join()
     bar.close()
-    if "error" in result:
-        print(f"run failed to start: {result['error']}", file=sys.stderr)
+    run_id = result.get("run_id") or run_id
+    return (instance.get_run_by_id(run_id) if run_id else None), result.get("error")
+
+
+def run_job(job_name: str) -> bool:
+    """Execute a job on the persistent instance with a progress bar; print what happened."""
+    instance = _instance()
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    run, error = execute_with_progress(job_name, instance, run_config=quiet)
+    if run is None:
+        print(f"run failed to start: {error}", file=sys.stderr)
         return False
-    _summarise(instance, result["run_id"], defs, job_def)
-    return bool(result.get("success"))
+    _summarise(instance, run.run_id)
+    return run.is_success
 
 
-def _summarise(instance, run_id: str, defs, job_def) -> None:
+# Float metadata worth a line in a run's summary (the rest is in the UI).
+HEADLINE_PREFIXES = ("test_", "latest_")
+
+
+def _summarise(instance, run_id: str) -> None:
     import dagster as dg
 
     run = instance.get_run_by_id(run_id)
     status = run.status.value if run else "UNKNOWN"
-    print(f"\nrun {run_id[:8]} {status}")
+    print(f"\nrun {run_id[:8]} of {run.job_name if run else '?'}: {status}")
     for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
         materialization = record.dagster_event.event_specific_data.materialization
-        rows = materialization.metadata.get("dagster/row_count")
+        metadata = materialization.metadata
+        rows = metadata.get("dagster/row_count")
         label = "/".join(materialization.asset_key.path)
         extra = f"{rows.value:>10,} rows" if rows is not None else ""
-        print(f"  materialized {label:<22} {extra}")
+        headline = [f"{key}={entry.value:g}" for key, entry in metadata.items()
+                    if key.startswith(HEADLINE_PREFIXES)
+                    and isinstance(entry, dg.FloatMetadataValue) and entry.value is not None][:3]
+        version = metadata.get("model_version") or metadata.get("champion_version")
+        if version is not None:
+            headline.insert(0, str(version.value))
+        print(f"  materialized {label:<22} {extra}{'  ' + ', '.join(headline) if headline else ''}")
     for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
         evaluation = record.dagster_event.event_specific_data
         verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
@@ -118,6 +150,7 @@ def _summarise(instance, run_id: str, defs, job_def) -> None:
         error = record.dagster_event.event_specific_data.error
         message = error.message.strip().splitlines() if error else []
         print(f"  step {record.step_key} failed: {message[-1] if message else ''}")
+    print(f"  details: `make ui`, then {UI_URL}/runs/{run_id}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -151,9 +184,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     report = replay(target, spec, rows, fields, rate=args.rate, batch=args.batch,
                     drift=Drift.parse(args.drift or []), max_records=args.max_records,
                     max_seconds=args.max_seconds)
-    print(f"sent {report.records} records in {report.seconds:.1f}s: {report.scored} scored "
+    print(f"\nsent {report.records:,} records in {report.seconds:.1f}s: {report.scored:,} scored "
           f"{report.model_versions}, {report.rejected} rejected (4xx), {report.errors} errors; "
-          f"{report.events} events, {report.labels} labels posted")
+          f"{report.events:,} events, {report.labels:,} labels posted")
+    print(f"next: `ml-lifecycle run monitoring_pipeline` computes drift and live performance "
+          f"from the inference log ({spec.paths().inference});\n      then the drift_metrics "
+          f"asset and its checks in `make ui` ({UI_URL}/assets/drift_metrics)")
     return 0
 
 

@@ -48,14 +48,17 @@ class MonthRow:
 
 
 def _execute(job_name: str, instance: dg.DagsterInstance,
-             selection: list[str] | None = None) -> dg.DagsterRun | None:
-    job = dg.build_reconstructable_job("ml_lifecycle.definitions", "job_by_name",
-                                       reconstructable_args=(job_name,))
+             selection: list[str] | None = None, step: str = "") -> dg.DagsterRun | None:
+    from ml_lifecycle.cli import execute_with_progress
+
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-    keys = [dg.AssetKey(s) for s in selection] if selection else None
-    with dg.execute_job(job, instance=instance, run_config=quiet,
-                        asset_selection=keys) as result:
-        return instance.get_run_by_id(result.run_id)
+    run, error = execute_with_progress(
+        job_name, instance, selection=selection, run_config=quiet,
+        tags={"ml_lifecycle/trigger": "demo", "ml_lifecycle/demo_step": step or job_name},
+        desc=f"      {job_name}", leave=False)
+    if error is not None:
+        raise error
+    return run
 
 
 def _month_bounds(year: int, month: int) -> tuple[datetime, datetime]:
@@ -97,7 +100,7 @@ def run_demo(spec: DatasetSpec, first_months: int = 6, year: int = 2013, batch: 
 
     print(f"[1/3] months 1-{first_months} land; training the first champion")
     land(spec, months=range(1, first_months + 1))
-    run = _execute("training_pipeline", instance)
+    run = _execute("training_pipeline", instance, step="first champion")
     registry = ModelRegistry(paths.registry)
     first = registry.alias("champion")
     if not run or not run.is_success or first is None:
@@ -119,7 +122,7 @@ def run_demo(spec: DatasetSpec, first_months: int = 6, year: int = 2013, batch: 
         report = replay(runtime, spec, rows, fields, batch=batch, progress=True)
         row.requests, row.scored = report.records, report.scored
         row.champion = ",".join(sorted(report.model_versions))
-        _execute("monitoring_pipeline", instance)
+        _execute("monitoring_pipeline", instance, step=f"month {month}: drift")
         with duckdb.connect(str(paths.warehouse), read_only=True) as conn:
             latest = conn.sql("SELECT * FROM drift_windows WHERE month(CAST(window_start AS DATE)) = ? "
                               "ORDER BY model_version DESC LIMIT 1", params=[month]).pl()
@@ -134,7 +137,7 @@ def run_demo(spec: DatasetSpec, first_months: int = 6, year: int = 2013, batch: 
         row.retrain_requested = evaluation.get_num_requested(dg.AssetKey("model")) > 0
         if row.retrain_requested:
             before = registry.alias("champion")
-            retrain = _execute("training_pipeline", instance)
+            retrain = _execute("training_pipeline", instance, step=f"month {month}: retrain")
             after = registry.alias("champion")
             if after != before:
                 row.promoted = after
@@ -151,12 +154,31 @@ def run_demo(spec: DatasetSpec, first_months: int = 6, year: int = 2013, batch: 
     runtime.close()
 
     print("[3/3] timeline report")
-    _execute("data_pipeline", instance)  # the last month lands in the warehouse too
+    _execute("data_pipeline", instance, step="last month")  # it lands in the warehouse too
     baseline = _score_months(spec, first)
     html = write_timeline(spec, timeline, baseline, first)
     print(format_timeline(timeline, baseline))
-    print(f"\nreport: {html}\nfinished in {time.monotonic() - started:.0f}s")
+    print(summary_text(timeline, first, registry.alias("champion"), html,
+                       time.monotonic() - started))
     return timeline
+
+
+def summary_text(timeline: list[MonthRow], first: str, champion: str | None, html: Path,
+                 seconds: float) -> str:
+    """What the replay did, in a few lines, and where to look next."""
+    requested = sum(r.retrain_requested for r in timeline)
+    promoted = [r.promoted for r in timeline if r.promoted]
+    drifted = [r.month for r in timeline if r.drift_status in ("warn", "error")]
+    months = f"{timeline[0].month}-{timeline[-1].month}" if timeline else "none"
+    return "\n".join([
+        f"\nsummary: replayed months {months} ({sum(r.scored for r in timeline):,} predictions "
+        f"scored) in {seconds / 60:.1f} min",
+        f"  drift flagged in {len(drifted)} month(s){': ' + str(drifted) if drifted else ''}; "
+        f"{requested} retrain(s) requested, {len(promoted)} promoted"
+        f"{' (' + ', '.join(promoted) + ')' if promoted else ''}",
+        f"  champion: {first} at the start, {champion} now",
+        f"  report:   {html} (timeline, live AUC with and without retraining, drift heatmap)",
+    ])
 
 
 def _fmt(value: float | None) -> str:
