@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,12 +10,24 @@ from pathlib import Path
 import duckdb
 from dagster_duckdb import DuckDBResource
 
+# DuckDB's own default is 80% of RAM: a 10x dataset would then hold gigabytes in its buffer pool
+# while a spill to disk costs little. Bounded by default; ML_LIFECYCLE_DUCKDB_MEMORY overrides.
+DEFAULT_MEMORY_LIMIT = "1GB"
+
 
 class Warehouse(DuckDBResource):
-    """The dataset's DuckDB file (one writer at a time: writer assets use pool "duckdb")."""
+    """The dataset's DuckDB file (one writer at a time: writer assets use pool "duckdb").
+
+    Its buffer pool is capped (`ML_LIFECYCLE_DUCKDB_MEMORY`, default 1GB) and spills to a
+    `<warehouse>.tmp/` folder beside the file, so peak memory stays flat as the data grows."""
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(self.database)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with super().get_connection() as conn:
+            limit = os.environ.get("ML_LIFECYCLE_DUCKDB_MEMORY", DEFAULT_MEMORY_LIMIT)
+            conn.execute(f"SET memory_limit = '{limit}'")
+            if self.database != ":memory:":
+                conn.execute(f"SET temp_directory = '{path.with_suffix('.tmp')}'")
             yield conn
