@@ -42,6 +42,9 @@ def _check(spec: DatasetSpec, table: str) -> dg.AssetChecksDefinition:
                 "expectations": len(outcome.results),
                 "failed_errors": len(outcome.failed_errors),
                 "failed_warnings": len(outcome.failed_warnings),
+                # Which expectation on which column, at a glance (details in `failures`).
+                "failed_expectations": ", ".join(
+                    f"{r.type}({r.column or ''})" for r in failed) or "none",
                 "failures": dg.MetadataValue.md(outcome.describe_failures() or "none"),
                 "results": dg.MetadataValue.md(outcome.to_markdown()),
                 "unexpected_counts": dg.MetadataValue.json({

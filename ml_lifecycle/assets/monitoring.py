@@ -134,8 +134,8 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
             "Jensen-Shannon, Hellinger and total-variation distance, null-rate change and "
             "unseen-category share per feature, prediction drift, the share of drifted "
             "features, and (where labels arrived) the live metric next to the model's test "
-            "metric. Table `drift_metrics` in the warehouse. Its checks decide on effect sizes, "
-            "never p-values."
+            "metric. Table `drift_metrics` in the warehouse; `plot_drift` below is the heatmap "
+            "of drift per feature and window. Its checks decide on effect sizes, never p-values."
         ),
     )
     def drift_metrics(context: dg.AssetExecutionContext,

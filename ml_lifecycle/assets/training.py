@@ -180,7 +180,8 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
         description=(
             "Test and validation metrics of the challenger next to a naive baseline and the "
             "current champion (scored on the same test rows), metrics per slice, feature "
-            "importance and plots; written to reports/evaluation.json and evaluation.html. "
+            "importance and plots (the `plot_*` rows of the metadata below, and the metric "
+            "history under Plots); written to reports/evaluation.json and evaluation.html. "
             "Carries the promotion decision that the `promotion_gate` check enforces."
         ),
     )

@@ -369,7 +369,9 @@ def drift_report(
     else:
         status = "ok"
     if prediction_status != "ok":
-        reasons.append(f"prediction drift at {prediction_status}: {predicted['reasons']}")
+        reasons.append(
+            f"prediction drift at {prediction_status} ({', '.join(predicted['reasons'])})"
+        )
         status = _worst([status, prediction_status])
 
     rows = next(
