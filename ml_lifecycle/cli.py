@@ -43,9 +43,15 @@ def _instance():
 UI_URL = "http://127.0.0.1:3001"  # `make ui`
 
 
-def execute_with_progress(job_name: str, instance, selection: list[str] | None = None,
-                          run_config: dict | None = None, tags: dict[str, str] | None = None,
-                          desc: str | None = None, leave: bool = True):
+def execute_with_progress(
+    job_name: str,
+    instance,
+    selection: list[str] | None = None,
+    run_config: dict | None = None,
+    tags: dict[str, str] | None = None,
+    desc: str | None = None,
+    leave: bool = True,
+):
     """Execute a job (optionally a subset of its assets) on `instance` while a progress bar
     counts its finished steps; returns (the run, or None when it failed to start; the error)."""
     import uuid
@@ -66,12 +72,20 @@ def execute_with_progress(job_name: str, instance, selection: list[str] | None =
 
     def target() -> None:
         job = dg.build_reconstructable_job(
-            "ml_lifecycle.definitions", "job_by_name", reconstructable_args=(job_name,))
+            "ml_lifecycle.definitions", "job_by_name", reconstructable_args=(job_name,)
+        )
         try:
-            with dg.execute_job(job, instance=instance, run_config=run_config,
-                                asset_selection=keys,
-                                tags={"ml_lifecycle/trigger": "cli", **(tags or {}),
-                                      "ml_lifecycle/cli_token": token}) as outcome:
+            with dg.execute_job(
+                job,
+                instance=instance,
+                run_config=run_config,
+                asset_selection=keys,
+                tags={
+                    "ml_lifecycle/trigger": "cli",
+                    **(tags or {}),
+                    "ml_lifecycle/cli_token": token,
+                },
+            ) as outcome:
                 result["run_id"] = outcome.run_id
         except Exception as error:  # surfaced to the caller; the run's events hold details
             result["error"] = error
@@ -83,13 +97,19 @@ def execute_with_progress(job_name: str, instance, selection: list[str] | None =
     seen: set[str] = set()
     while True:
         if run_id is None:
-            runs = instance.get_runs(filters=dg.RunsFilter(tags={"ml_lifecycle/cli_token": token}),
-                                     limit=1)
+            runs = instance.get_runs(
+                filters=dg.RunsFilter(tags={"ml_lifecycle/cli_token": token}), limit=1
+            )
             run_id = runs[0].run_id if runs else None
         if run_id:
-            for record in instance.all_logs(run_id, of_type={
-                    dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
-                    dg.DagsterEventType.STEP_SKIPPED}):
+            for record in instance.all_logs(
+                run_id,
+                of_type={
+                    dg.DagsterEventType.STEP_SUCCESS,
+                    dg.DagsterEventType.STEP_FAILURE,
+                    dg.DagsterEventType.STEP_SKIPPED,
+                },
+            ):
                 step = record.step_key or ""
                 if step not in seen:
                     seen.add(step)
@@ -132,9 +152,13 @@ def _summarise(instance, run_id: str) -> None:
         rows = metadata.get("dagster/row_count")
         label = "/".join(materialization.asset_key.path)
         extra = f"{rows.value:>10,} rows" if rows is not None else ""
-        headline = [f"{key}={entry.value:g}" for key, entry in metadata.items()
-                    if key.startswith(HEADLINE_PREFIXES)
-                    and isinstance(entry, dg.FloatMetadataValue) and entry.value is not None][:3]
+        headline = [
+            f"{key}={entry.value:g}"
+            for key, entry in metadata.items()
+            if key.startswith(HEADLINE_PREFIXES)
+            and isinstance(entry, dg.FloatMetadataValue)
+            and entry.value is not None
+        ][:3]
         version = metadata.get("model_version") or metadata.get("champion_version")
         if version is not None:
             headline.insert(0, str(version.value))
@@ -156,8 +180,10 @@ def _summarise(instance, run_id: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     spec = load_spec(dataset_spec_path())
     print(f"ml-lifecycle demo: dataset {spec.name!r} ({spec.spec_path})")
-    print(f"  home: {spec.paths().root} (started fresh)\n  dagster instance: "
-          f"{os.environ.get('DAGSTER_HOME', REPO_ROOT / '.dagster_home')}")
+    print(
+        f"  home: {spec.paths().root} (started fresh)\n  dagster instance: "
+        f"{os.environ.get('DAGSTER_HOME', REPO_ROOT / '.dagster_home')}"
+    )
     if args.quick or spec.landing is None:
         ok = run_job("training_pipeline")
     else:
@@ -165,9 +191,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         run_demo(spec, first_months=args.first_months)
         ok = True
-    print("\nnext: `make ui` and open http://127.0.0.1:3001 to see every run, asset, check and "
-          "plot;\n      `make serve` to serve the champion; `ml-lifecycle models` and "
-          "`ml-lifecycle experiments` for the registry and the training runs.")
+    print(
+        "\nnext: `make ui` and open http://127.0.0.1:3001 to see every run, asset, check and "
+        "plot;\n      `make serve` to serve the champion; `ml-lifecycle models` and "
+        "`ml-lifecycle experiments` for the registry and the training runs."
+    )
     return 0 if ok else 1
 
 
@@ -181,15 +209,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     schema = target.client.post("/model").json()
     fields = list(schema["request_fields"])
     rows = held_out_rows(spec, datetime.fromisoformat(args.start), datetime.fromisoformat(args.end))
-    report = replay(target, spec, rows, fields, rate=args.rate, batch=args.batch,
-                    drift=Drift.parse(args.drift or []), max_records=args.max_records,
-                    max_seconds=args.max_seconds)
-    print(f"\nsent {report.records:,} records in {report.seconds:.1f}s: {report.scored:,} scored "
-          f"{report.model_versions}, {report.rejected} rejected (4xx), {report.errors} errors; "
-          f"{report.events:,} events, {report.labels:,} labels posted")
-    print(f"next: `ml-lifecycle run monitoring_pipeline` computes drift and live performance "
-          f"from the inference log ({spec.paths().inference});\n      then the drift_metrics "
-          f"asset and its checks in `make ui` ({UI_URL}/assets/drift_metrics)")
+    report = replay(
+        target,
+        spec,
+        rows,
+        fields,
+        rate=args.rate,
+        batch=args.batch,
+        drift=Drift.parse(args.drift or []),
+        max_records=args.max_records,
+        max_seconds=args.max_seconds,
+    )
+    print(
+        f"\nsent {report.records:,} records in {report.seconds:.1f}s: {report.scored:,} scored "
+        f"{report.model_versions}, {report.rejected} rejected (4xx), {report.errors} errors; "
+        f"{report.events:,} events, {report.labels:,} labels posted"
+    )
+    print(
+        f"next: `ml-lifecycle run monitoring_pipeline` computes drift and live performance "
+        f"from the inference log ({spec.paths().inference});\n      then the drift_metrics "
+        f"asset and its checks in `make ui` ({UI_URL}/assets/drift_metrics)"
+    )
     return 0
 
 
@@ -250,24 +290,33 @@ def cmd_experiments(args: argparse.Namespace) -> int:
         print("no warehouse yet: run `make demo`")
         return 0
     with duckdb.connect(str(warehouse), read_only=True) as conn:
-        exists = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                              [TABLE]).fetchall()[0][0]
+        exists = conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [TABLE]
+        ).fetchall()[0][0]
         if not exists:
             print("no training runs yet")
             return 0
         rows = conn.execute(
             f"SELECT started_at, model_version, status, code_version, data_snapshot, duration_s, "
             f"valid_metrics, test_metrics, params FROM {TABLE} WHERE kind = 'train' "
-            f"ORDER BY started_at DESC LIMIT ?", [args.limit]).fetchall()
-    print(f"{'time':<20} {'version':<8} {'status':<10} {'code':<13} {'data':<17} "
-          f"{'secs':>6}  valid -> test")
+            f"ORDER BY started_at DESC LIMIT ?",
+            [args.limit],
+        ).fetchall()
+    print(
+        f"{'time':<20} {'version':<8} {'status':<10} {'code':<13} {'data':<17} "
+        f"{'secs':>6}  valid -> test"
+    )
     for started, version, status, code, data, secs, valid, test, params in rows:
         valid, test = json.loads(valid or "{}"), json.loads(test or "{}")
         figures = "  ".join(
             f"{k}={valid.get(k, float('nan')):.4f}->"
-            + (f"{test[k]:.4f}" if test.get(k) is not None else "?") for k in list(valid)[:3])
-        print(f"{str(started)[:19]:<20} {version:<8} {status:<10} {code:<13} {data:<17} "
-              f"{secs:>6.1f}  {figures}")
+            + (f"{test[k]:.4f}" if test.get(k) is not None else "?")
+            for k in list(valid)[:3]
+        )
+        print(
+            f"{str(started)[:19]:<20} {version:<8} {status:<10} {code:<13} {data:<17} "
+            f"{secs:>6.1f}  {figures}"
+        )
         if args.params:
             print(f"{'':<20} params: {json.loads(params or '{}').get('lightgbm')}")
     return 0
@@ -286,12 +335,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         valid = meta.get("valid_metrics", {})
         first = next(iter(valid), None)
         score = f"valid {first}={valid[first]:.4f}" if first else ""
-        print(f"  {version} {meta.get('registered_at', '')} {score} run {str(meta.get('run_id'))[:8]}"
-              f" data {meta.get('data_snapshot')} code {meta.get('code_version')}"
-              f"{'  <- ' + ', '.join(tags) if tags else ''}")
-    for entry in registry.audit_log()[-args.audit:]:
-        print(f"  audit {entry['time']} {entry['event']:<11} {entry.get('version')}: "
-              f"{entry['reason']}")
+        print(
+            f"  {version} {meta.get('registered_at', '')} {score} run {str(meta.get('run_id'))[:8]}"
+            f" data {meta.get('data_snapshot')} code {meta.get('code_version')}"
+            f"{'  <- ' + ', '.join(tags) if tags else ''}"
+        )
+    for entry in registry.audit_log()[-args.audit :]:
+        print(
+            f"  audit {entry['time']} {entry['event']:<11} {entry.get('version')}: "
+            f"{entry['reason']}"
+        )
     return 0
 
 
@@ -315,8 +368,10 @@ def cmd_check_spec(args: argparse.Namespace) -> int:
     path = Path(args.path) if args.path else dataset_spec_path()
     spec = load_spec(path)
     check_spec_expectations(spec)
-    print(f"{path}: valid ({spec.task}, {len(spec.references)} references, "
-          f"{len(spec.aggregates)} aggregates)")
+    print(
+        f"{path}: valid ({spec.task}, {len(spec.references)} references, "
+        f"{len(spec.aggregates)} aggregates)"
+    )
     return 0
 
 
@@ -334,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--batch", type=int, default=50)
     simulate.add_argument("--max-records", type=int, default=50_000)
     simulate.add_argument("--max-seconds", type=float, default=600.0)
-    simulate.add_argument("--drift", nargs="*", help="shift:col=v scale:col=f new:col=share "
-                                                     "nulls:col=share")
+    simulate.add_argument(
+        "--drift", nargs="*", help="shift:col=v scale:col=f new:col=share nulls:col=share"
+    )
     trace = sub.add_parser("trace", help="prediction -> model version -> run -> data -> code")
     trace.add_argument("request_id")
     run = sub.add_parser("run", help="run a job on the $DAGSTER_HOME instance")
@@ -355,9 +411,18 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-spec", help="validate a dataset spec file")
     check.add_argument("path", nargs="?")
     args = parser.parse_args(argv)
-    handlers = {"demo": cmd_demo, "simulate": cmd_simulate, "trace": cmd_trace, "run": cmd_run, "land": cmd_land, "status": cmd_status,
-                "experiments": cmd_experiments, "models": cmd_models, "rollback": cmd_rollback,
-                "check-spec": cmd_check_spec}
+    handlers = {
+        "demo": cmd_demo,
+        "simulate": cmd_simulate,
+        "trace": cmd_trace,
+        "run": cmd_run,
+        "land": cmd_land,
+        "status": cmd_status,
+        "experiments": cmd_experiments,
+        "models": cmd_models,
+        "rollback": cmd_rollback,
+        "check-spec": cmd_check_spec,
+    }
     try:
         return handlers[args.command](args)
     except SpecError as error:
@@ -367,6 +432,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-

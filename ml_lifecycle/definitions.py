@@ -73,18 +73,26 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
             "(the demo runs it after every replayed month; add a schedule in production)."
         ),
     )
-    notifier = Notifier(webhook_url=spec.monitoring.webhook_url or "",
-                        alerts_file=str(paths.root / "alerts.jsonl"))
+    notifier = Notifier(
+        webhook_url=spec.monitoring.webhook_url or "", alerts_file=str(paths.root / "alerts.jsonl")
+    )
 
-    @dg.run_failure_sensor(name="run_failure_alerts", default_status=dg.DefaultSensorStatus.RUNNING,
-                           description="Fires when any run of this code location fails: sends "
-                                       "an alert (run log, <home>/alerts.jsonl and the spec's "
-                                       "monitoring.webhook_url when set) naming the job and "
-                                       "the error.")
+    @dg.run_failure_sensor(
+        name="run_failure_alerts",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Fires when any run of this code location fails: sends "
+        "an alert (run log, <home>/alerts.jsonl and the spec's "
+        "monitoring.webhook_url when set) naming the job and "
+        "the error.",
+    )
     def run_failure_alerts(context: dg.RunFailureSensorContext) -> None:
-        notifier.send("run_failed", "error",
-                      f"run {context.dagster_run.run_id[:8]} of {context.dagster_run.job_name} "
-                      f"failed: {context.failure_event.message}", dataset=spec.name)
+        notifier.send(
+            "run_failed",
+            "error",
+            f"run {context.dagster_run.run_id[:8]} of {context.dagster_run.job_name} "
+            f"failed: {context.failure_event.message}",
+            dataset=spec.name,
+        )
 
     automation = dg.AutomationConditionSensorDefinition(
         "lifecycle_automation",
@@ -92,8 +100,10 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
         default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
         # Automation runs are named __ASSET_JOB by Dagster; the tags say why they started.
-        run_tags={"ml_lifecycle/trigger": "lifecycle_automation",
-                  "ml_lifecycle/why": "automation condition (see the asset's Automation tab)"},
+        run_tags={
+            "ml_lifecycle/trigger": "lifecycle_automation",
+            "ml_lifecycle/why": "automation condition (see the asset's Automation tab)",
+        },
         description=(
             "Every 30 s, evaluates the assets' automation conditions and launches runs (tagged "
             "ml_lifecycle/trigger=lifecycle_automation): cleaned/features refresh when their "
@@ -107,9 +117,11 @@ def build_definitions(spec: DatasetSpec) -> dg.Definitions:
         asset_checks=[*checks, *training_checks, *monitoring_checks],
         jobs=[data_pipeline, training_pipeline, serving_pipeline, monitoring_pipeline],
         sensors=[build_landing_sensor(spec, data_pipeline), automation, run_failure_alerts],
-        resources={"warehouse": Warehouse(database=str(paths.warehouse)),
-                   "notifier": notifier,
-                   "cluster": TrainingCluster.from_env()},
+        resources={
+            "warehouse": Warehouse(database=str(paths.warehouse)),
+            "notifier": notifier,
+            "cluster": TrainingCluster.from_env(),
+        },
         executor=executor_from_env(),
     )
 

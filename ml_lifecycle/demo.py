@@ -47,15 +47,21 @@ class MonthRow:
     notes: list[str] = field(default_factory=list)
 
 
-def _execute(job_name: str, instance: dg.DagsterInstance,
-             selection: list[str] | None = None, step: str = "") -> dg.DagsterRun | None:
+def _execute(
+    job_name: str, instance: dg.DagsterInstance, selection: list[str] | None = None, step: str = ""
+) -> dg.DagsterRun | None:
     from ml_lifecycle.cli import execute_with_progress
 
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
     run, error = execute_with_progress(
-        job_name, instance, selection=selection, run_config=quiet,
+        job_name,
+        instance,
+        selection=selection,
+        run_config=quiet,
         tags={"ml_lifecycle/trigger": "demo", "ml_lifecycle/demo_step": step or job_name},
-        desc=f"      {job_name}", leave=False)
+        desc=f"      {job_name}",
+        leave=False,
+    )
     if error is not None:
         raise error
     return run
@@ -75,18 +81,26 @@ def _score_months(spec: DatasetSpec, version: str) -> dict[int, float]:
     with duckdb.connect(str(spec.paths().warehouse), read_only=True) as conn:
         frame = conn.sql(
             f"SELECT month({TIME}) AS m, {TARGET} AS y, {', '.join(matrix_select_sql(model.state))}"
-            f" FROM features f WHERE {TARGET} IS NOT NULL").pl()
+            f" FROM features f WHERE {TARGET} IS NOT NULL"
+        ).pl()
     out = {}
     for month in sorted(frame["m"].unique().to_list()):
         part = frame.filter(frame["m"] == month)
         X = part.select(model.state.feature_names).to_numpy().astype(np.float32)
-        out[int(month)] = compute_metrics("binary", part["y"].to_numpy().astype(float),
-                                          booster.predict(X))["roc_auc"]
+        out[int(month)] = compute_metrics(
+            "binary", part["y"].to_numpy().astype(float), booster.predict(X)
+        )["roc_auc"]
     return out
 
 
-def run_demo(spec: DatasetSpec, first_months: int = 6, year: int = 2013, batch: int = 1000,
-             fresh: bool = True, last_month: int = 12) -> list[MonthRow]:
+def run_demo(
+    spec: DatasetSpec,
+    first_months: int = 6,
+    year: int = 2013,
+    batch: int = 1000,
+    fresh: bool = True,
+    last_month: int = 12,
+) -> list[MonthRow]:
     from ml_lifecycle.cli import _instance
     from ml_lifecycle.definitions import defs
     from ml_lifecycle.serving.runtime import ServingRuntime
@@ -124,15 +138,19 @@ def run_demo(spec: DatasetSpec, first_months: int = 6, year: int = 2013, batch: 
         row.champion = ",".join(sorted(report.model_versions))
         _execute("monitoring_pipeline", instance, step=f"month {month}: drift")
         with duckdb.connect(str(paths.warehouse), read_only=True) as conn:
-            latest = conn.sql("SELECT * FROM drift_windows WHERE month(CAST(window_start AS DATE)) = ? "
-                              "ORDER BY model_version DESC LIMIT 1", params=[month]).pl()
+            latest = conn.sql(
+                "SELECT * FROM drift_windows WHERE month(CAST(window_start AS DATE)) = ? "
+                "ORDER BY model_version DESC LIMIT 1",
+                params=[month],
+            ).pl()
         if latest.height:
             window = latest.to_dicts()[0]
             row.drift_status = window["drift_status"]
             row.drifted_share = window["drifted_share"]
             row.live_auc = window["live_metric"]
-        evaluation = dg.evaluate_automation_conditions(defs=defs, instance=instance,
-                                                       cursor=automation_cursor)
+        evaluation = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=automation_cursor
+        )
         automation_cursor = evaluation.cursor
         row.retrain_requested = evaluation.get_num_requested(dg.AssetKey("model")) > 0
         if row.retrain_requested:
@@ -146,11 +164,13 @@ def run_demo(spec: DatasetSpec, first_months: int = 6, year: int = 2013, batch: 
                 row.notes.append("challenger refused by the gate")
         row.seconds = time.monotonic() - tick
         timeline.append(row)
-        print(f"      month {month:>2}: {row.scored:>6} scored by {row.champion:<6} drift "
-              f"{row.drift_status or '-':<5} share {_fmt(row.drifted_share)} live AUC "
-              f"{_fmt(row.live_auc)}"
-              + (f"  retrain -> {row.promoted or 'refused'}" if row.retrain_requested else "")
-              + f"  ({row.seconds:.0f}s)")
+        print(
+            f"      month {month:>2}: {row.scored:>6} scored by {row.champion:<6} drift "
+            f"{row.drift_status or '-':<5} share {_fmt(row.drifted_share)} live AUC "
+            f"{_fmt(row.live_auc)}"
+            + (f"  retrain -> {row.promoted or 'refused'}" if row.retrain_requested else "")
+            + f"  ({row.seconds:.0f}s)"
+        )
     runtime.close()
 
     print("[3/3] timeline report")
@@ -158,27 +178,31 @@ def run_demo(spec: DatasetSpec, first_months: int = 6, year: int = 2013, batch: 
     baseline = _score_months(spec, first)
     html = write_timeline(spec, timeline, baseline, first)
     print(format_timeline(timeline, baseline))
-    print(summary_text(timeline, first, registry.alias("champion"), html,
-                       time.monotonic() - started))
+    print(
+        summary_text(timeline, first, registry.alias("champion"), html, time.monotonic() - started)
+    )
     return timeline
 
 
-def summary_text(timeline: list[MonthRow], first: str, champion: str | None, html: Path,
-                 seconds: float) -> str:
+def summary_text(
+    timeline: list[MonthRow], first: str, champion: str | None, html: Path, seconds: float
+) -> str:
     """What the replay did, in a few lines, and where to look next."""
     requested = sum(r.retrain_requested for r in timeline)
     promoted = [r.promoted for r in timeline if r.promoted]
     drifted = [r.month for r in timeline if r.drift_status in ("warn", "error")]
     months = f"{timeline[0].month}-{timeline[-1].month}" if timeline else "none"
-    return "\n".join([
-        f"\nsummary: replayed months {months} ({sum(r.scored for r in timeline):,} predictions "
-        f"scored) in {seconds / 60:.1f} min",
-        f"  drift flagged in {len(drifted)} month(s){': ' + str(drifted) if drifted else ''}; "
-        f"{requested} retrain(s) requested, {len(promoted)} promoted"
-        f"{' (' + ', '.join(promoted) + ')' if promoted else ''}",
-        f"  champion: {first} at the start, {champion} now",
-        f"  report:   {html} (timeline, live AUC with and without retraining, drift heatmap)",
-    ])
+    return "\n".join(
+        [
+            f"\nsummary: replayed months {months} ({sum(r.scored for r in timeline):,} predictions "
+            f"scored) in {seconds / 60:.1f} min",
+            f"  drift flagged in {len(drifted)} month(s){': ' + str(drifted) if drifted else ''}; "
+            f"{requested} retrain(s) requested, {len(promoted)} promoted"
+            f"{' (' + ', '.join(promoted) + ')' if promoted else ''}",
+            f"  champion: {first} at the start, {champion} now",
+            f"  report:   {html} (timeline, live AUC with and without retraining, drift heatmap)",
+        ]
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -186,20 +210,29 @@ def _fmt(value: float | None) -> str:
 
 
 def format_timeline(timeline: list[MonthRow], baseline: dict[int, float]) -> str:
-    lines = [f"{'month':>5} {'scored':>7} {'served by':>9} {'drift':>6} {'share':>6} "
-             f"{'live AUC':>8} {'no-retrain AUC':>14}  retrain"]
+    lines = [
+        f"{'month':>5} {'scored':>7} {'served by':>9} {'drift':>6} {'share':>6} "
+        f"{'live AUC':>8} {'no-retrain AUC':>14}  retrain"
+    ]
     for row in timeline:
         lines.append(
             f"{row.month:>5} {row.scored:>7} {row.champion:>9} {row.drift_status or '-':>6} "
             f"{_fmt(row.drifted_share):>6} {_fmt(row.live_auc):>8} "
             f"{_fmt(baseline.get(row.month)):>14}  "
-            + ("promoted " + row.promoted if row.promoted else
-               "requested, refused" if row.retrain_requested else ""))
+            + (
+                "promoted " + row.promoted
+                if row.promoted
+                else "requested, refused"
+                if row.retrain_requested
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 
-def write_timeline(spec: DatasetSpec, timeline: list[MonthRow], baseline: dict[int, float],
-                   first: str) -> Path:
+def write_timeline(
+    spec: DatasetSpec, timeline: list[MonthRow], baseline: dict[int, float], first: str
+) -> Path:
     from matplotlib.figure import Figure
 
     from ml_lifecycle.training.report import plot_png
@@ -208,13 +241,18 @@ def write_timeline(spec: DatasetSpec, timeline: list[MonthRow], baseline: dict[i
     figure = Figure(figsize=(8, 4))
     axis = figure.subplots()
     axis.plot(months, [r.live_auc for r in timeline], "o-", label="live AUC (with retraining)")
-    axis.plot(months, [baseline.get(m) for m in months], "s--",
-              label=f"first champion {first} (no retraining)")
+    axis.plot(
+        months,
+        [baseline.get(m) for m in months],
+        "s--",
+        label=f"first champion {first} (no retraining)",
+    )
     for row in timeline:
         if row.promoted:
             axis.axvline(row.month, color="green", alpha=0.3)
-            axis.annotate(f"{row.promoted}", (row.month, axis.get_ylim()[0]), fontsize=8,
-                          color="green")
+            axis.annotate(
+                f"{row.promoted}", (row.month, axis.get_ylim()[0]), fontsize=8, color="green"
+            )
     axis.set_xlabel("month of 2013")
     axis.set_ylabel("ROC AUC")
     axis.set_title("Live performance per month; promotions in green")
@@ -229,26 +267,28 @@ def write_timeline(spec: DatasetSpec, timeline: list[MonthRow], baseline: dict[i
     import base64
 
     def img(png: bytes | None) -> str:
-        return (f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                if png else "")
+        return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
 
     table = "".join(
         f"<tr><td>{r.month}</td><td>{r.scored}</td><td>{r.champion}</td>"
         f"<td>{r.drift_status}</td><td>{_fmt(r.drifted_share)}</td><td>{_fmt(r.live_auc)}</td>"
         f"<td>{_fmt(baseline.get(r.month))}</td><td>{r.promoted or ''}</td></tr>"
-        for r in timeline)
-    html = (f"<html><head><meta charset='utf-8'><title>{spec.name} lifecycle replay</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;"
-            "border-bottom:1px solid #ddd}</style></head><body>"
-            f"<h1>{spec.name}: a year through the lifecycle</h1>"
-            "<table><tr><th>month</th><th>scored</th><th>served by</th><th>drift</th>"
-            "<th>drifted share</th><th>live AUC</th><th>no-retrain AUC</th><th>promoted</th></tr>"
-            f"{table}</table><h2>Live AUC</h2>{img(auc_png)}<h2>Drift per feature</h2>"
-            f"{img(drift_png)}</body></html>")
+        for r in timeline
+    )
+    html = (
+        f"<html><head><meta charset='utf-8'><title>{spec.name} lifecycle replay</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;"
+        "border-bottom:1px solid #ddd}</style></head><body>"
+        f"<h1>{spec.name}: a year through the lifecycle</h1>"
+        "<table><tr><th>month</th><th>scored</th><th>served by</th><th>drift</th>"
+        "<th>drifted share</th><th>live AUC</th><th>no-retrain AUC</th><th>promoted</th></tr>"
+        f"{table}</table><h2>Live AUC</h2>{img(auc_png)}<h2>Drift per feature</h2>"
+        f"{img(drift_png)}</body></html>"
+    )
     path = spec.paths().reports / "demo.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html)
-    (spec.paths().reports / "demo.json").write_text(json.dumps(
-        [r.__dict__ for r in timeline], default=str, indent=1))
+    (spec.paths().reports / "demo.json").write_text(
+        json.dumps([r.__dict__ for r in timeline], default=str, indent=1)
+    )
     return path
-

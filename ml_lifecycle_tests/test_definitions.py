@@ -16,21 +16,36 @@ from ml_lifecycle.definitions import build_definitions
 from ml_lifecycle.settings import DEFAULT_SPEC, REPO_ROOT
 from ml_lifecycle.spec import load_spec
 
-DATA_ASSETS = {"raw_flights", "raw_weather", "raw_planes", "raw_airports", "raw_airlines",
-               "cleaned", "features"}
+DATA_ASSETS = {
+    "raw_flights",
+    "raw_weather",
+    "raw_planes",
+    "raw_airports",
+    "raw_airlines",
+    "cleaned",
+    "features",
+}
 
 
 def test_dagster_validates_the_workspace(tmp_path: Path) -> None:
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()
-    env = {**os.environ, "ML_LIFECYCLE_HOME": str(tmp_path / "home"),
-           "DAGSTER_HOME": str(dagster_home)}
+    env = {
+        **os.environ,
+        "ML_LIFECYCLE_HOME": str(tmp_path / "home"),
+        "DAGSTER_HOME": str(dagster_home),
+    }
     env.pop("ML_LIFECYCLE_DATASET", None)
     dagster = Path(sys.executable).with_name("dagster")
 
     done = subprocess.run(
         [str(dagster), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
     output = done.stdout + done.stderr
@@ -42,13 +57,16 @@ def test_flights_definitions_have_the_data_stage(home: Path) -> None:
     defs = build_definitions(load_spec(DEFAULT_SPEC))
     graph = defs.resolve_asset_graph()
 
-    data_assets = {k.to_user_string() for k in graph.get_all_asset_keys()
-                   if graph.get(k).group_name == "data"}
+    data_assets = {
+        k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).group_name == "data"
+    }
     assert data_assets == DATA_ASSETS
     assert {p.to_user_string() for p in graph.get(dg.AssetKey("cleaned")).parent_keys} == {
-        a for a in DATA_ASSETS if a.startswith("raw_")}
+        a for a in DATA_ASSETS if a.startswith("raw_")
+    }
     assert {p.to_user_string() for p in graph.get(dg.AssetKey("features")).parent_keys} == {
-        "cleaned"}
+        "cleaned"
+    }
 
     for asset in DATA_ASSETS:
         key = dg.AssetCheckKey(dg.AssetKey(asset), "great_expectations")
@@ -90,7 +108,8 @@ def test_every_asset_job_sensor_and_check_explains_itself(home: Path) -> None:
         assert any(word in description for word in ("Fires", "Runs", "runs", "on demand")), job
     for sensor in defs.sensors:
         assert sensor.description and any(
-            word in sensor.description for word in ("Every", "Fires", "every")), sensor.name
+            word in sensor.description for word in ("Every", "Fires", "every")
+        ), sensor.name
     automation = next(s for s in defs.sensors if s.name == "lifecycle_automation")
     # Dagster names automation runs __ASSET_JOB: the tags say what started them.
     assert automation.run_tags["ml_lifecycle/trigger"] == "lifecycle_automation"
@@ -117,12 +136,14 @@ def test_evaluation_plots_render_inline_and_metrics_are_rounded(
         result = defs.resolve_job_def("training_pipeline").execute_in_process(instance=instance)
         assert result.success
         materialization = next(
-            m for m in result.asset_materializations_for_node("evaluation_report"))
+            m for m in result.asset_materializations_for_node("evaluation_report")
+        )
         metadata = materialization.metadata
         manager = instance.compute_log_manager
 
-        plots = {label: entry.value for label, entry in metadata.items()
-                 if label.startswith("plot_")}
+        plots = {
+            label: entry.value for label, entry in metadata.items() if label.startswith("plot_")
+        }
         assert set(plots) == {"plot_roc", "plot_pr", "plot_calibration", "plot_importance"}
         for label, markdown in plots.items():
             assert len(markdown) < INLINE_MARKDOWN_LIMIT, label
@@ -131,8 +152,48 @@ def test_evaluation_plots_render_inline_and_metrics_are_rounded(
             path = Path(manager.get_captured_local_path(match.group(1).split("/"), "png"))
             assert path.read_bytes().startswith(b"\x89PNG"), path
 
-        floats = {label: entry.value for label, entry in metadata.items()
-                  if isinstance(entry, dg.FloatMetadataValue)}
+        floats = {
+            label: entry.value
+            for label, entry in metadata.items()
+            if isinstance(entry, dg.FloatMetadataValue)
+        }
         assert {"test_roc_auc", "test_log_loss", "valid_roc_auc"} <= set(floats)
         assert all(_significant_digits(v) <= 4 for v in floats.values() if v is not None), floats
         assert "plots" in metadata  # the base64 copy, for storage the webserver cannot read
+
+
+def test_cli_run_shows_progress_and_ends_with_a_summary(tmp_path: Path) -> None:
+    """`ml-lifecycle run` draws a step bar, then says what was materialized, how each check
+    went and where to look next, and tags the run with its trigger."""
+    from ml_lifecycle_tests.test_training import write_dataset
+
+    spec_path = write_dataset(tmp_path / "ds", "binary", rows=800)
+    env = {
+        **os.environ,
+        "ML_LIFECYCLE_HOME": str(tmp_path / "home"),
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "ML_LIFECYCLE_DATASET": str(spec_path),
+    }
+    cli = Path(sys.executable).with_name("ml-lifecycle")
+
+    done = subprocess.run(
+        [str(cli), "run", "data_pipeline"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert re.search(r"data_pipeline: 100%\|.*\| 6/6", output), output  # 3 assets + 3 checks
+    run_id = re.search(r"run ([0-9a-f]{8}) of data_pipeline: SUCCESS", output).group(1)
+    assert re.search(r"materialized features +800 rows", output), output
+    assert "check features:great_expectations passed" in output
+    assert re.search(rf"details: `make ui`, then http://127\.0\.0\.1:3001/runs/{run_id}", output)
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        run = next(r for r in instance.get_runs() if r.run_id.startswith(run_id))
+        assert run.job_name == "data_pipeline"
+        assert run.tags["ml_lifecycle/trigger"] == "cli"

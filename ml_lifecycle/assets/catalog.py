@@ -51,10 +51,12 @@ def table_metadata(
     """Dagster metadata describing `table` for the catalog."""
     described = conn.execute(f"DESCRIBE {quote(table)}").fetchall()
     descriptions = column_descriptions or {}
-    schema = dg.TableSchema(columns=[
-        dg.TableColumn(name=name, type=_short_type(dtype), description=descriptions.get(name))
-        for name, dtype, *_ in described
-    ])
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn(name=name, type=_short_type(dtype), description=descriptions.get(name))
+            for name, dtype, *_ in described
+        ]
+    )
     rows = int(conn.execute(f"SELECT count(*) FROM {quote(table)}").fetchall()[0][0])
     shown = [name for name, *_ in described][:preview_columns]
     sample = conn.execute(
@@ -67,10 +69,14 @@ def table_metadata(
         "preview": dg.MetadataValue.md(markdown_table(shown, sample)),
     }
     if lineage:
-        metadata["dagster/column_lineage"] = dg.TableColumnLineage(deps_by_column={
-            column: [dg.TableColumnDep(asset_key=dg.AssetKey(asset), column_name=source)
-                     for asset, source in dict.fromkeys(deps)]
-            for column, deps in lineage.items()
-            if deps
-        })
+        metadata["dagster/column_lineage"] = dg.TableColumnLineage(
+            deps_by_column={
+                column: [
+                    dg.TableColumnDep(asset_key=dg.AssetKey(asset), column_name=source)
+                    for asset, source in dict.fromkeys(deps)
+                ]
+                for column, deps in lineage.items()
+                if deps
+            }
+        )
     return metadata

@@ -1,6 +1,5 @@
 """Great Expectations suites as blocking Dagster asset checks on raw_*, cleaned and features."""
 
-
 import dagster as dg
 
 from ml_lifecycle.data.ingestion import table_columns
@@ -33,24 +32,29 @@ def _check(spec: DatasetSpec, table: str) -> dg.AssetChecksDefinition:
         failed = outcome.failed_errors + outcome.failed_warnings
         return dg.AssetCheckResult(
             passed=not failed,
-            severity=dg.AssetCheckSeverity.ERROR if outcome.failed_errors
+            severity=dg.AssetCheckSeverity.ERROR
+            if outcome.failed_errors
             else dg.AssetCheckSeverity.WARN,
-            description=outcome.describe_failures() if failed else
-            f"{len(outcome.results)} expectations passed on {outcome.row_count} rows",
+            description=outcome.describe_failures()
+            if failed
+            else f"{len(outcome.results)} expectations passed on {outcome.row_count} rows",
             metadata={
                 "rows_validated": outcome.row_count,
                 "expectations": len(outcome.results),
                 "failed_errors": len(outcome.failed_errors),
                 "failed_warnings": len(outcome.failed_warnings),
                 # Which expectation on which column, at a glance (details in `failures`).
-                "failed_expectations": ", ".join(
-                    f"{r.type}({r.column or ''})" for r in failed) or "none",
+                "failed_expectations": ", ".join(f"{r.type}({r.column or ''})" for r in failed)
+                or "none",
                 "failures": dg.MetadataValue.md(outcome.describe_failures() or "none"),
                 "results": dg.MetadataValue.md(outcome.to_markdown()),
-                "unexpected_counts": dg.MetadataValue.json({
-                    f"{r.type}({r.column or ''})": r.unexpected_count
-                    for r in outcome.results if r.unexpected_count
-                }),
+                "unexpected_counts": dg.MetadataValue.json(
+                    {
+                        f"{r.type}({r.column or ''})": r.unexpected_count
+                        for r in outcome.results
+                        if r.unexpected_count
+                    }
+                ),
             },
         )
 

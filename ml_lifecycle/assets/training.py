@@ -64,8 +64,9 @@ def _floats(metrics: dict[str, float], prefix: str) -> dict[str, Any]:
     return {f"{prefix}{name}": round_sig(value) for name, value in metrics.items()}
 
 
-def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
-                                                      list[dg.AssetChecksDefinition]]:
+def build_training_assets(
+    spec: DatasetSpec,
+) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
     paths = spec.paths()
     params_path = spec.params_path()
     code_version = params_code_version(params_path)
@@ -97,8 +98,12 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
             "Dask cluster the `cluster` resource names (ML_LIFECYCLE_DASK_SCHEDULER)."
         ),
     )
-    def model(context: dg.AssetExecutionContext, config: ModelConfig,
-              warehouse: Warehouse, cluster: TrainingCluster) -> dg.MaterializeResult:
+    def model(
+        context: dg.AssetExecutionContext,
+        config: ModelConfig,
+        warehouse: Warehouse,
+        cluster: TrainingCluster,
+    ) -> dg.MaterializeResult:
         started = time.time()
         params = load_params(params_path)
         overrides = parse_overrides(config.overrides)
@@ -110,8 +115,9 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
         if config.num_boost_round is not None:
             params = params.model_copy(update={"num_boost_round": config.num_boost_round})
         if config.search_trials is not None:
-            params = params.model_copy(update={"search": params.search.model_copy(
-                update={"trials": config.search_trials})})
+            params = params.model_copy(
+                update={"search": params.search.model_copy(update={"trials": config.search_trials})}
+            )
         with warehouse.get_connection() as conn:
             state = load_state(conn)
             if state is None:
@@ -124,48 +130,81 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
         train_split = data.splits["train"]
         rows = np.random.default_rng(0).permutation(train_split.rows)[:PROFILE_ROWS]
         profile = build_profile(
-            train_split.X[rows], data.feature_names, data.categorical,
-            predict(trained.booster, train_split.X[rows], spec.task), state.categories)
+            train_split.X[rows],
+            data.feature_names,
+            data.categorical,
+            predict(trained.booster, train_split.X[rows], spec.task),
+            state.categories,
+        )
         commit = tracking.git_commit()
         metadata = {
-            "dataset": spec.name, "task": spec.task, "run_id": context.run_id,
-            "params": trained.params.model_dump(), "code_version": code_version,
-            "data_snapshot": snapshot, "feature_state_version": state.version,
-            "git_commit": commit, "best_iteration": trained.best_iteration,
+            "dataset": spec.name,
+            "task": spec.task,
+            "run_id": context.run_id,
+            "params": trained.params.model_dump(),
+            "code_version": code_version,
+            "data_snapshot": snapshot,
+            "feature_state_version": state.version,
+            "git_commit": commit,
+            "best_iteration": trained.best_iteration,
             "trained_on": trained.trained_on,
-            "valid_metrics": trained.valid_metrics, "rows": counts,
-            "classes": data.classes, "split_boundaries": data.boundaries,
-            "feature_names": data.feature_names, "categorical_features": data.categorical,
+            "valid_metrics": trained.valid_metrics,
+            "rows": counts,
+            "classes": data.classes,
+            "split_boundaries": data.boundaries,
+            "feature_names": data.feature_names,
+            "categorical_features": data.categorical,
         }
         version = registry().register(trained.booster, state, metadata, profile)
         duration = time.time() - started
         with warehouse.get_connection() as conn:
             for trial in trained.trials:
-                tracking.record(conn, run_id=context.run_id, kind="trial", duration_s=trial.seconds,
-                                params=trial.params, data_snapshot=snapshot,
-                                feature_state_version=state.version, code_version=code_version,
-                                git_commit=commit, valid_metrics=trial.valid_metrics,
-                                model_version=version, status="trial")
-            tracking.record(conn, run_id=context.run_id, kind="train", duration_s=duration,
-                            params=trained.params.model_dump(), data_snapshot=snapshot,
-                            feature_state_version=state.version, code_version=code_version,
-                            git_commit=commit, rows=counts, valid_metrics=trained.valid_metrics,
-                            model_version=version, status="registered")
+                tracking.record(
+                    conn,
+                    run_id=context.run_id,
+                    kind="trial",
+                    duration_s=trial.seconds,
+                    params=trial.params,
+                    data_snapshot=snapshot,
+                    feature_state_version=state.version,
+                    code_version=code_version,
+                    git_commit=commit,
+                    valid_metrics=trial.valid_metrics,
+                    model_version=version,
+                    status="trial",
+                )
+            tracking.record(
+                conn,
+                run_id=context.run_id,
+                kind="train",
+                duration_s=duration,
+                params=trained.params.model_dump(),
+                data_snapshot=snapshot,
+                feature_state_version=state.version,
+                code_version=code_version,
+                git_commit=commit,
+                rows=counts,
+                valid_metrics=trained.valid_metrics,
+                model_version=version,
+                status="registered",
+            )
             history = tracking.comparison(conn, limit=10)
         context.log.info(f"registered {version} as challenger: valid {trained.valid_metrics}")
-        return dg.MaterializeResult(metadata={
-            "model_version": version,
-            "best_iteration": trained.best_iteration,
-            "training_seconds": round(duration, 2),
-            "trained_on": trained.trained_on,
-            **_floats(trained.valid_metrics, "valid_"),
-            "rows": dg.MetadataValue.json(counts),
-            "params": dg.MetadataValue.json(rounded(trained.params.model_dump())),
-            "data_snapshot": snapshot,
-            "search_trials": len(trained.trials),
-            "experiments": dg.MetadataValue.md(_experiments_markdown(history)),
-            "registry": dg.MetadataValue.path(str(paths.registry / "versions" / version)),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "model_version": version,
+                "best_iteration": trained.best_iteration,
+                "training_seconds": round(duration, 2),
+                "trained_on": trained.trained_on,
+                **_floats(trained.valid_metrics, "valid_"),
+                "rows": dg.MetadataValue.json(counts),
+                "params": dg.MetadataValue.json(rounded(trained.params.model_dump())),
+                "data_snapshot": snapshot,
+                "search_trials": len(trained.trials),
+                "experiments": dg.MetadataValue.md(_experiments_markdown(history)),
+                "registry": dg.MetadataValue.path(str(paths.registry / "versions" / version)),
+            }
+        )
 
     @dg.asset(
         name="evaluation_report",
@@ -185,8 +224,9 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
             "Carries the promotion decision that the `promotion_gate` check enforces."
         ),
     )
-    def evaluation_report(context: dg.AssetExecutionContext,
-                          warehouse: Warehouse) -> dg.MaterializeResult:
+    def evaluation_report(
+        context: dg.AssetExecutionContext, warehouse: Warehouse
+    ) -> dg.MaterializeResult:
         reg = registry()
         challenger_version = reg.alias("challenger")
         if challenger_version is None:
@@ -194,31 +234,43 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
         challenger = reg.load(challenger_version)
         champion_version = reg.alias("champion")
         with warehouse.get_connection() as conn:
-            data = load_model_data(conn, spec, challenger.state,
-                                   classes=challenger.metadata.get("classes"))
+            data = load_model_data(
+                conn, spec, challenger.state, classes=challenger.metadata.get("classes")
+            )
             champion_data = None
             if champion_version and champion_version != challenger_version:
                 champion = reg.load(champion_version)
-                champion_data = load_model_data(conn, spec, champion.state,
-                                                classes=champion.metadata.get("classes"))
+                champion_data = load_model_data(
+                    conn, spec, champion.state, classes=champion.metadata.get("classes")
+                )
         booster = challenger.booster()
         test, valid = data.splits["test"], data.splits["valid"]
         test_pred = predict(booster, test.X, spec.task)
-        metrics = {"test": compute_metrics(spec.task, test.y, test_pred),
-                   "valid": compute_metrics(spec.task, valid.y, predict(booster, valid.X,
-                                                                        spec.task))}
+        metrics = {
+            "test": compute_metrics(spec.task, test.y, test_pred),
+            "valid": compute_metrics(spec.task, valid.y, predict(booster, valid.X, spec.task)),
+        }
         num_class = len(data.classes) if data.classes else None
-        baseline_pred = baseline_predictions(spec.task, data.splits["train"].y, test.rows,
-                                             num_class=num_class)
+        baseline_pred = baseline_predictions(
+            spec.task, data.splits["train"].y, test.rows, num_class=num_class
+        )
         baseline = {"test": compute_metrics(spec.task, test.y, baseline_pred)}
         champion_test = None
         if champion_data is not None:
             champion_booster = reg.load(champion_version).booster()
             champion_test = compute_metrics(
-                spec.task, champion_data.splits["test"].y,
-                predict(champion_booster, champion_data.splits["test"].X, spec.task))
-        decision = promotion_decision(spec.task, spec.thresholds, challenger_version,
-                                      metrics["test"], champion_version, champion_test)
+                spec.task,
+                champion_data.splits["test"].y,
+                predict(champion_booster, champion_data.splits["test"].X, spec.task),
+            )
+        decision = promotion_decision(
+            spec.task,
+            spec.thresholds,
+            challenger_version,
+            metrics["test"],
+            champion_version,
+            champion_test,
+        )
         importance = gain_importance(booster)
         slices = {}
         for column, values in test.slices.items():
@@ -231,38 +283,55 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
             "baseline": baseline,
             "champion": {"version": champion_version, "test": champion_test},
             "promotion": decision,
-            "slices": ({"column": next(iter(slices)), "rows": next(iter(slices.values()))}
-                       if slices else {}),
+            "slices": (
+                {"column": next(iter(slices)), "rows": next(iter(slices.values()))}
+                if slices
+                else {}
+            ),
             "slices_by_column": slices,
             "importance": dict(list(importance.items())[:50]),
             "rows": data.counts(),
             "split_boundaries": data.boundaries,
         }
-        plots = evaluation_plots(spec.task, test.y, test_pred, importance,
-                                 baseline_pred=baseline_pred, class_names=data.classes)
+        plots = evaluation_plots(
+            spec.task,
+            test.y,
+            test_pred,
+            importance,
+            baseline_pred=baseline_pred,
+            class_names=data.classes,
+        )
         json_path, html_path = write_report(paths.reports, report, plots)
         with warehouse.get_connection() as conn:
-            tracking.update(conn, challenger_version, test_metrics=metrics["test"],
-                            status="evaluated")
-        context.log.info(f"{challenger_version}: test {metrics['test']}; gate: {decision['reason']}")
+            tracking.update(
+                conn, challenger_version, test_metrics=metrics["test"], status="evaluated"
+            )
+        context.log.info(
+            f"{challenger_version}: test {metrics['test']}; gate: {decision['reason']}"
+        )
         plot_md = "\n\n".join(png_markdown(png, name) for name, png in plots.items())
-        titles = {name: f"{PLOT_TITLES.get(name, name)} ({challenger_version}, test)"
-                  for name in plots}
-        return dg.MaterializeResult(metadata={
-            "model_version": challenger_version,
-            "promotion_decision": decision["decision"],
-            "promotion_reason": decision["reason"],
-            **_floats(metrics["test"], "test_"),
-            # One inline image per plot, right under the headline numbers (no click needed).
-            **inline_plots(context.instance, "evaluation_report", context.run_id, plots, titles),
-            **_floats(metrics["valid"], "valid_"),
-            **_floats(baseline["test"], "baseline_test_"),
-            "metrics": dg.MetadataValue.md(metrics_markdown(report)),
-            "plots": dg.MetadataValue.md(plot_md),
-            "champion_version": champion_version or "none",
-            "report_json": dg.MetadataValue.path(str(json_path)),
-            "report_html": dg.MetadataValue.path(str(html_path)),
-        })
+        titles = {
+            name: f"{PLOT_TITLES.get(name, name)} ({challenger_version}, test)" for name in plots
+        }
+        return dg.MaterializeResult(
+            metadata={
+                "model_version": challenger_version,
+                "promotion_decision": decision["decision"],
+                "promotion_reason": decision["reason"],
+                **_floats(metrics["test"], "test_"),
+                # One inline image per plot, right under the headline numbers (no click needed).
+                **inline_plots(
+                    context.instance, "evaluation_report", context.run_id, plots, titles
+                ),
+                **_floats(metrics["valid"], "valid_"),
+                **_floats(baseline["test"], "baseline_test_"),
+                "metrics": dg.MetadataValue.md(metrics_markdown(report)),
+                "plots": dg.MetadataValue.md(plot_md),
+                "champion_version": champion_version or "none",
+                "report_json": dg.MetadataValue.path(str(json_path)),
+                "report_html": dg.MetadataValue.path(str(html_path)),
+            }
+        )
 
     @dg.asset_check(
         asset=evaluation_report,
@@ -280,8 +349,13 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
         decision = report["promotion"]
         passed = decision["decision"] == "promote"
         if not passed:
-            registry().audit("refused", decision["challenger"], decision["reason"],
-                             champion=decision["champion"], checks=decision["checks"])
+            registry().audit(
+                "refused",
+                decision["challenger"],
+                decision["reason"],
+                champion=decision["champion"],
+                checks=decision["checks"],
+            )
         failed = [c for c in decision["checks"] if not c["passed"]]
         return dg.AssetCheckResult(
             passed=passed,
@@ -320,12 +394,14 @@ def build_training_assets(spec: DatasetSpec) -> tuple[list[dg.AssetsDefinition],
         if previous != version:
             reg.promote(version, decision["reason"], metrics=report["metrics"]["test"])
         context.log.info(f"champion: {version} (was {previous})")
-        return dg.MaterializeResult(metadata={
-            "champion_version": version,
-            "previous_champion": previous or "none",
-            **_floats(report["metrics"]["test"], "test_"),
-            "reason": decision["reason"],
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "champion_version": version,
+                "previous_champion": previous or "none",
+                **_floats(report["metrics"]["test"], "test_"),
+                "reason": decision["reason"],
+            }
+        )
 
     return [model, evaluation_report, champion], [promotion_gate]
 
@@ -337,9 +413,15 @@ def _gate_markdown(checks: list[dict[str, Any]]) -> str:
     rows = []
     for check in checks:
         value, champion = check.get("value"), check.get("champion")
-        rows.append([check["check"], "pass" if check["passed"] else "FAIL",
-                     _sig(value), _sig(champion) if champion is not None else "",
-                     _miss(check)])
+        rows.append(
+            [
+                check["check"],
+                "pass" if check["passed"] else "FAIL",
+                _sig(value),
+                _sig(champion) if champion is not None else "",
+                _miss(check),
+            ]
+        )
     return markdown_table(["check", "result", "challenger", "champion", "missed by"], rows)
 
 
@@ -372,11 +454,18 @@ def _experiments_markdown(rows: list[dict[str, Any]]) -> str:
         valid = json.loads(row["valid_metrics"] or "{}")
         test = json.loads(row["test_metrics"] or "{}")
         first = next(iter(valid), None)
-        table.append([str(row["started_at"])[:19], row["model_version"], row["status"],
-                      row["code_version"], row["data_snapshot"],
-                      f"{valid.get(first, float('nan')):.4f}" if first else "",
-                      f"{test.get(first, float('nan')):.4f}" if first and test else "",
-                      f"{row['duration_s']:.1f}"])
-    return markdown_table(["time", "version", "status", "code", "data", "valid", "test", "s"],
-                          table)
-
+        table.append(
+            [
+                str(row["started_at"])[:19],
+                row["model_version"],
+                row["status"],
+                row["code_version"],
+                row["data_snapshot"],
+                f"{valid.get(first, float('nan')):.4f}" if first else "",
+                f"{test.get(first, float('nan')):.4f}" if first and test else "",
+                f"{row['duration_s']:.1f}",
+            ]
+        )
+    return markdown_table(
+        ["time", "version", "status", "code", "data", "valid", "test", "s"], table
+    )
