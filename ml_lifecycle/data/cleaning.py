@@ -16,8 +16,11 @@ internal `__agg_<name>_value` / `__agg_<name>_known_at` columns that are never f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import duckdb
+import numpy as np
 
 from ml_lifecycle.data.ingestion import INGESTED_AT, LINEAGE_COLUMNS, SOURCE_FILE
 from ml_lifecycle.data.sources import quote
@@ -39,6 +42,102 @@ class FlatColumn:
     origin: str  # raw column it comes from
 
 
+# DuckDB's trim() removes the Unicode space separators (category Zs), not tabs or newlines.
+_SPACES = " \u00a0\u1680" + "".join(chr(c) for c in range(0x2000, 0x200B)) + "\u202f\u205f\u3000"
+_INTEGERS = _NUMERIC - _FLOATS - {"DECIMAL"}
+
+
+@dataclass(frozen=True)
+class ColumnRule:
+    """How one column's values are cleaned, by role. One rule, two executors over the same
+    fields: `sql(expr)` (the pipeline's statement, millions of rows) and `apply(values)` (the
+    service's request rows, no query per request). Tests run both over whole datasets."""
+
+    name: str
+    dtype: str
+    role: str
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def base(self) -> str:
+        return _base(self.dtype)
+
+    def sql(self, expr: str) -> str:
+        if self.role == "categorical":
+            as_text = expr if self.base == "VARCHAR" else f"CAST({expr} AS VARCHAR)"
+            return f"coalesce(NULLIF(trim({as_text}), ''), '{MISSING_LEVEL}')"
+        if self.role == "text":
+            return f"coalesce(CAST({expr} AS VARCHAR), '')"
+        if self.role == "numeric":
+            out = expr
+            if self.base in _FLOATS:
+                out = f"CASE WHEN isfinite({out}) THEN {out} END"
+            conditions = []
+            if self.low is not None:
+                conditions.append(f"{expr} >= {self.low}")
+            if self.high is not None:
+                conditions.append(f"{expr} <= {self.high}")
+            if conditions:
+                out = f"CASE WHEN {' AND '.join(conditions)} THEN {out} END"
+            return out
+        return expr
+
+    @property
+    def applicable(self) -> bool:
+        """Whether `apply` reproduces `sql` for this type (else the service runs the SQL)."""
+        if self.role == "categorical":
+            return self.base == "VARCHAR" or self.base in _INTEGERS
+        if self.role == "text":
+            return self.base == "VARCHAR"
+        if self.role == "numeric":
+            return self.base in _FLOATS or self.base in _INTEGERS
+        return self.role in ("id", "boolean", "temporal", "other")
+
+    def apply(self, values: list[Any]) -> np.ndarray:
+        """The rule over Python values: numeric -> float64 (NaN = NULL), others -> object."""
+        if self.role == "categorical":
+            out = np.empty(len(values), dtype=object)
+            for index, value in enumerate(values):
+                text = None if value is None else (value if isinstance(value, str) else str(value))
+                out[index] = text.strip(_SPACES) or MISSING_LEVEL if text is not None else (
+                    MISSING_LEVEL)
+            return out
+        if self.role == "text":
+            out = np.empty(len(values), dtype=object)
+            out[:] = ["" if v is None else v for v in values]
+            return out
+        if self.role == "numeric":
+            array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+            keep = np.isfinite(array)  # NaN stands for NULL here, so integers need no special case
+            with np.errstate(invalid="ignore"):
+                if self.low is not None:
+                    keep &= array >= self.low
+                if self.high is not None:
+                    keep &= array <= self.high
+            return np.where(keep, array, np.nan)
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+
+
+@dataclass(frozen=True)
+class ReferenceLookup:
+    """Serving: how one reference is joined, for the service's in-memory index of its rows.
+
+    The rows are the prepared table `table` (the pipeline's own reference query); `outputs`
+    maps each cleaned column to the SQL (over alias `r`) giving its cleaned value, and `missing`
+    to the SQL of its value when no row matches (or the match is older than `max_age`)."""
+
+    name: str
+    table: str
+    keys: list[tuple[str, str, bool]]  # (primary column, reference column, compared as VARCHAR)
+    timed: bool
+    max_age: timedelta | None
+    outputs: dict[str, str]
+    missing: dict[str, str]
+
+
 @dataclass
 class CleaningPlan:
     sql: str
@@ -47,6 +146,9 @@ class CleaningPlan:
     bad_value_sql: str | None = None  # one-row query: rows nulled per column
     prepare_sql: list[str] = field(default_factory=list)  # serving: run once at start
     stats_sql: str = ""
+    # Serving: the primary columns' rules, in the order of the statement, and the references.
+    primary_rules: list[ColumnRule] = field(default_factory=list)
+    references: list[ReferenceLookup] = field(default_factory=list)
 
 
 @dataclass
@@ -208,28 +310,12 @@ def build_cleaning(
             return "temporal"
         return "other"
 
+    def rule(name: str, dtype: str, role: str) -> ColumnRule:
+        low, high = spec.valid_ranges.get(name, (None, None))
+        return ColumnRule(name, dtype, role, low, high)
+
     def cleaned_expr(expr: str, name: str, dtype: str, role: str) -> str:
-        base = _base(dtype)
-        if role == "categorical":
-            as_text = expr if base == "VARCHAR" else f"CAST({expr} AS VARCHAR)"
-            return f"coalesce(NULLIF(trim({as_text}), ''), '{MISSING_LEVEL}')"
-        if role == "text":
-            return f"coalesce(CAST({expr} AS VARCHAR), '')"
-        if role == "numeric":
-            out = expr
-            if base in _FLOATS:
-                out = f"CASE WHEN isfinite({out}) THEN {out} END"
-            if name in spec.valid_ranges:
-                low, high = spec.valid_ranges[name]
-                conditions = []
-                if low is not None:
-                    conditions.append(f"{expr} >= {low}")
-                if high is not None:
-                    conditions.append(f"{expr} <= {high}")
-                if conditions:
-                    out = f"CASE WHEN {' AND '.join(conditions)} THEN {out} END"
-            return out
-        return expr
+        return rule(name, dtype, role).sql(expr)
 
     roles: dict[str, str] = {}
     lineage: dict[str, list[tuple[str, str]]] = {}
@@ -247,12 +333,14 @@ def build_cleaning(
     roles[TARGET] = "target"
     lineage[TARGET] = [(primary_table, c.origin) for c in _referenced(spec.target_sql, primary)]
 
+    primary_rules = [rule(name, primary[name].dtype, "id") for name in ids]
     for column in primary.values():
         # The target travels as __target only: a copy under its own name would be a feature.
         if column.name in ids or column.name in dropped or column.name == spec.target:
             continue
         role = role_of(column.name, column.dtype)
         roles[column.name] = role
+        primary_rules.append(rule(column.name, column.dtype, role))
         select.append(f"{cleaned_expr('p.' + quote(column.name), column.name, column.dtype, role)}"
                       f" AS {quote(column.name)}")
         lineage[column.name] = [(primary_table, column.origin)]
@@ -265,6 +353,7 @@ def build_cleaning(
     joins: list[str] = []
     ctes: list[str] = []
     prepare: list[str] = []
+    lookups: list[ReferenceLookup] = []
     for index, ref in enumerate(spec.references):
         alias = f"r{index}"
         table = f"raw_{ref.name}"
@@ -317,6 +406,8 @@ def build_cleaning(
             else:
                 ctes.append(f"{alias} AS ({body})")
             joins.append(f"LEFT JOIN {alias} ON {on}")
+        outputs: dict[str, str] = {}
+        missing: dict[str, str] = {}
         for output, column in chosen:
             source_name = f"__v_{column}" if column in ref.keys.values() else column
             value = f"{alias}.{quote(source_name)}"
@@ -330,6 +421,14 @@ def build_cleaning(
             roles[output] = role
             select.append(f"{cleaned_expr(value, output, dtype, role)} AS {quote(output)}")
             lineage[output] = [(table, columns[column].origin)]
+            outputs[output] = cleaned_expr(f"r.{quote(source_name)}", output, dtype, role)
+            missing[output] = cleaned_expr(f"CAST(NULL AS {dtype})", output, dtype, role)
+        lookups.append(ReferenceLookup(
+            name=ref.name, table=f"__ref_{alias}",
+            keys=[(p_col, r_col, _base(primary[p_col].dtype) != _base(columns[r_col].dtype))
+                  for p_col, r_col in keys],
+            timed=bool(ref_time), max_age=ref.max_age if ref_time else None,
+            outputs=outputs, missing=missing))
 
     agg_select: list[str] = []
     for agg in spec.aggregates:
@@ -372,7 +471,8 @@ def build_cleaning(
     bad_sql = (f"SELECT {', '.join(bad_value_checks)} FROM {flat_primary}"
                if bad_value_checks else None)
     return CleaningPlan(sql=sql, roles=roles, lineage=lineage, bad_value_sql=bad_sql,
-                        stats_sql=stats, prepare_sql=prepare)
+                        stats_sql=stats, prepare_sql=prepare, primary_rules=primary_rules,
+                        references=lookups)
 
 
 def _flat_view_sql(table: str, columns: list[FlatColumn], extra: list[str] | None = None) -> str:

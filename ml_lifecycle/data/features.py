@@ -14,14 +14,21 @@ Feature kinds:
 - JSON string columns are flattened to one column per leaf (`<column>__<path>`); number leaves
   are numeric, the others categorical;
 - aggregates (see aggregates.py) are joined by row.
+
+The model's matrix is built from those columns by `FeatureEncoder(state)`, vectorised numpy with
+no query: training (`training.dataset.load_model_data`, over the features table) and the service
+(over the rows of a request) call the same encoder, so a category's code, the time parts and the
+float32 matrix cannot differ between them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import duckdb
+import numpy as np
 from pydantic import BaseModel, Field
 
 from ml_lifecycle.data.aggregates import aggregate_sql
@@ -77,6 +84,95 @@ class FeatureState(BaseModel):
     @property
     def categorical_features(self) -> list[str]:
         return [f.name for f in self.features if f.categorical]
+
+
+_VECTORISED_FROM = 4096  # rows: below, dict lookups (a request); above, Arrow (a table)
+_MINUTE_US = 60_000_000
+_DAY_US = 86_400_000_000
+
+
+def time_parts(times: np.ndarray) -> dict[str, np.ndarray]:
+    """`TIME_PARTS` of microsecond timestamps (int64, datetime64[us] or objects; NaT/None -> NaN).
+
+    The same values as the SQL expressions above (the features table, for catalog and drift):
+    `ml_lifecycle_tests/test_serving.py` compares them on every row of a dataset."""
+    stamps = np.asarray(times, dtype="datetime64[us]")
+    missing = np.isnat(stamps)
+    micros = stamps.astype(np.int64)
+    days = stamps.astype("datetime64[D]")
+    minutes_of_day = (micros - days.astype("datetime64[us]").astype(np.int64)) // _MINUTE_US
+    months = days.astype("datetime64[M]")
+    years = days.astype("datetime64[Y]")
+    day_number = days.astype(np.int64)
+    parts = {
+        "time__hour": (minutes_of_day // 60) + (minutes_of_day % 60) / 60.0,
+        "time__day_of_week": ((day_number + 3) % 7 + 1).astype(np.float64),  # ISO: Monday = 1
+        "time__day_of_month": (days - months.astype("datetime64[D]")).astype(np.int64) + 1.0,
+        "time__month": (months - years.astype("datetime64[M]")).astype(np.int64) + 1.0,
+        "time__day_of_year": (days - years.astype("datetime64[D]")).astype(np.int64) + 1.0,
+    }
+    return {name: np.where(missing, np.nan, values) for name, values in parts.items()}
+
+
+class FeatureEncoder:
+    """The model matrix (float32, NaN = missing) from feature columns, for one fitted state.
+
+    Input columns by feature name (numeric/boolean/aggregate/text/json: numbers or None;
+    categorical: values whose text is looked up in the state's vocabulary, unseen or None ->
+    NaN, exactly what the ENUM code under the model's own vocabulary gives), plus `__time` for
+    the time parts. Training and serving both build their matrices here."""
+
+    def __init__(self, state: FeatureState) -> None:
+        self.state = state
+        self.names = state.feature_names
+        self.codes = {name: {level: float(code) for code, level in enumerate(levels)}
+                      for name, levels in state.categories.items()}
+        self.kinds = {f.name: f for f in state.features}
+
+    def category_codes(self, name: str, values: Sequence[Any]) -> np.ndarray:
+        """Each value's position in the vocabulary (its text, as CAST(... AS VARCHAR)), or NaN."""
+        if len(values) >= _VECTORISED_FROM:  # same lookup, as one Arrow hash join (a table)
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            levels = pa.array(self.state.categories.get(name, []), type=pa.string())
+            text = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values)
+            text = text if pa.types.is_string(text.type) else text.cast(pa.string())
+            found = pc.index_in(text, options=pc.SetLookupOptions(value_set=levels))
+            return found.to_numpy(zero_copy_only=False).astype(np.float32)
+        if hasattr(values, "to_pylist"):  # a small Arrow array
+            values = values.to_pylist()
+        codes = self.codes.get(name, {})
+        nan = np.nan
+        return np.fromiter(
+            (nan if v is None else codes.get(v if isinstance(v, str) else str(v), nan)
+             for v in values), dtype=np.float32, count=len(values))
+
+    def matrix(self, columns: Mapping[str, Any], rows: int) -> np.ndarray:
+        out = np.empty((rows, len(self.names)), dtype=np.float32)
+        parts = time_parts(columns[TIME]) if self.state.has_time and any(
+            f.kind == "time" for f in self.state.features) else {}
+        for index, name in enumerate(self.names):
+            feature = self.kinds[name]
+            if feature.categorical:
+                out[:, index] = self.category_codes(name, columns[name])
+            elif feature.kind == "time":
+                out[:, index] = parts[name]
+            else:
+                out[:, index] = _floats(columns[name])
+        return out
+
+    def known(self, name: str, values: Sequence[Any]) -> list[Any]:
+        """Categorical values as the features table holds them: unseen levels become None."""
+        codes = self.codes.get(name, {})
+        return [v if v is not None and (v if isinstance(v, str) else str(v)) in codes else None
+                for v in values]
+
+
+def _floats(values: Any) -> np.ndarray:
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return values.astype(np.float32, copy=False)
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
 
 
 def _enum_type(values: list[str]) -> str:

@@ -8,6 +8,7 @@ Read them all with `read_json('<dir>/predictions-*.jsonl')`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -27,6 +28,50 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
+_POLARS_FROM = 32  # rows
+
+
+def _singular(key: str) -> str:
+    return {"predictions": "prediction", "labels": "label"}.get(key, key)
+
+
+def _struct(columns: dict[str, list[Any]]):
+    import polars as pl
+
+    return pl.DataFrame({name: pl.Series(name, values, strict=False)
+                         for name, values in columns.items()}).to_struct()
+
+
+def _ndjson(request_ids: list[str], now: str, model_version: str, predictions: list[Any],
+            event_times: list[Any], ids: dict[str, list[Any]], features: dict[str, list[Any]],
+            shadow_version: str | None, shadow: dict[str, list[Any]]) -> bytes:
+    import polars as pl
+
+    count = len(request_ids)
+    frame = {
+        "request_id": pl.Series(request_ids, dtype=pl.String),
+        "logged_at": pl.repeat(now, count, eager=True),
+        "event_time": pl.Series(event_times, dtype=pl.String),
+        "model_version": pl.repeat(model_version, count, eager=True),
+        "ids": _struct(ids),
+        "features": _struct(features),
+        "prediction": pl.Series(predictions, strict=False),
+    }
+    if shadow_version is not None:
+        frame["shadow"] = _struct({"model_version": [shadow_version] * count, **shadow})
+    buffer = io.BytesIO()
+    pl.DataFrame(frame).write_ndjson(buffer)
+    return buffer.getvalue()
+
+
+def _rows(columns: dict[str, list[Any]], count: int) -> list[dict[str, Any]]:
+    if not columns:
+        return [{} for _ in range(count)]
+    names = list(columns)
+    return [dict(zip(names, values, strict=True))
+            for values in zip(*columns.values(), strict=True)]
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -41,10 +86,16 @@ class JsonLinesWriter:
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        payload = "".join(json.dumps(r, default=_default, separators=(",", ":")) + "\n"
-                          for r in records).encode()
+        self.write_bytes("".join(json.dumps(r, default=_default, separators=(",", ":")) + "\n"
+                                 for r in records).encode())
+
+    def write_bytes(self, payload: bytes) -> None:
+        """Whole lines in one O_APPEND write (a killed worker leaves no torn line)."""
         with self._lock:
-            os.write(self._fd, payload)
+            view = memoryview(payload)
+            while view:  # a regular file takes it in one write; loop in case it does not
+                written = os.write(self._fd, view)
+                view = view[written:]
 
     def close(self) -> None:
         os.close(self._fd)
@@ -63,6 +114,41 @@ class InferenceLog:
     @staticmethod
     def now() -> str:
         return datetime.now(UTC).isoformat(timespec="microseconds")
+
+    def write_predictions(self, request_ids: list[str], model_version: str,
+                          predictions: list[Any], event_times: list[Any],
+                          ids: dict[str, list[Any]], features: dict[str, list[Any]],
+                          shadow: dict[str, Any] | None = None) -> None:
+        """One line per prediction, from columns of JSON-ready values, in one append.
+
+        Lines: {request_id, logged_at, event_time, model_version, ids: {...}, features: {...},
+        prediction[, shadow: {model_version, prediction, ...}]}. Batches are encoded by Polars
+        (Rust, ~10x faster than json.dumps per line), single rows by json."""
+        count = len(request_ids)
+        now = self.now()
+        shadow_columns = {}
+        if shadow is not None:
+            shadow_columns = {_singular(k): v for k, v in shadow.items() if k != "model_version"}
+        if (count >= _POLARS_FROM and ids and features
+                and not any(isinstance(v, dict) for v in shadow_columns.values())):
+            self.predictions.write_bytes(_ndjson(
+                request_ids, now, model_version, predictions, event_times, ids, features,
+                shadow["model_version"] if shadow is not None else None, shadow_columns))
+            return
+        id_rows = _rows(ids, count)
+        feature_rows = _rows(features, count)
+        shadow_rows = _rows(shadow_columns, count) if shadow is not None else None
+        lines = []
+        for index in range(count):
+            line = {"request_id": request_ids[index], "logged_at": now,
+                    "event_time": event_times[index], "model_version": model_version,
+                    "ids": id_rows[index], "features": feature_rows[index],
+                    "prediction": predictions[index]}
+            if shadow_rows is not None:
+                assert shadow is not None
+                line["shadow"] = {"model_version": shadow["model_version"], **shadow_rows[index]}
+            lines.append(line)
+        self.predictions.write(lines)
 
     def close(self) -> None:
         for writer in (self.predictions, self.labels, self.rejected):

@@ -62,6 +62,84 @@ class OnlineStore(Protocol):
               ) -> list[dict[str, float | int | None]]: ...
 
 
+def columns_of(aggregate: Aggregate, rows: list[dict[str, float | int | None]]
+               ) -> dict[str, np.ndarray]:
+    """Per-row statistics as one float64 column per statistic (None -> NaN)."""
+    return {stat: np.array([np.nan if r[stat] is None else r[stat] for r in rows],
+                           dtype=np.float64) for stat in aggregate.statistics}
+
+
+def rows_of(aggregate: Aggregate, columns: dict[str, np.ndarray]
+            ) -> list[dict[str, float | int | None]]:
+    lists = {stat: [None if v != v else (int(v) if stat == "count" else float(v))
+                    for v in columns[stat].tolist()] for stat in aggregate.statistics}
+    return [dict(zip(lists, values, strict=True)) for values in zip(*lists.values(), strict=True)]
+
+
+def window_statistics(padded: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                      wanted: Sequence[str]) -> dict[str, np.ndarray]:
+    """`statistics` of values[start:end] for many windows at once (float64, NaN = NULL);
+    `padded` is the values plus one trailing element (`reduceat` needs every index < len).
+
+    Windows must be sorted by start: `reduceat` then walks each window and the gaps between
+    consecutive ones, so a batch costs at most one pass over the values it spans."""
+    count = (ends - starts).astype(np.float64)
+    out: dict[str, np.ndarray] = {}
+    if not len(starts) or padded.size <= 1:
+        empty = np.full(len(starts), np.nan)
+        return {stat: count.copy() if stat == "count" else empty.copy() for stat in wanted}
+    base = int(starts[0])
+    span = padded[base : int(ends.max()) + 1]  # a view: only what the windows cover
+    values = padded[:-1]
+    bounds = np.empty(2 * len(starts), dtype=np.int64)
+    bounds[0::2], bounds[1::2] = starts - base, ends - base
+    empty = count == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for stat in wanted:
+            if stat == "count":
+                out[stat] = count
+            elif stat in ("sum", "mean"):
+                total = np.add.reduceat(span, bounds)[0::2]
+                out[stat] = np.where(empty, np.nan, total / count if stat == "mean" else total)
+            elif stat in ("min", "max"):
+                ufunc = np.minimum if stat == "min" else np.maximum
+                out[stat] = np.where(empty, np.nan, ufunc.reduceat(span, bounds)[0::2])
+            elif stat == "std":
+                out[stat] = np.array([
+                    np.nan if e - s < 2 else float(values[s:e].std(ddof=1))
+                    for s, e in zip(starts.tolist(), ends.tolist(), strict=True)])
+    return out
+
+
+class _Flat:
+    """All series of one aggregate in one array, sorted by (key, known_at), searchable at once:
+    `position` = key rank * span + (known_at - first + 1), so one `searchsorted` finds every
+    row's window whatever its key."""
+
+    def __init__(self, series: dict[Key, tuple[np.ndarray, np.ndarray]]) -> None:
+        keys = list(series)
+        self.rank = {key: index for index, key in enumerate(keys)}
+        stamps = [series[k][0] for k in keys]
+        self.padded = np.concatenate([*(series[k][1] for k in keys), np.zeros(1)])
+        every = np.concatenate(stamps) if keys else np.empty(0, np.int64)
+        self.first = int(every.min()) if every.size else 0
+        self.span = (int(every.max()) - self.first + 3) if every.size else 3
+        self.searchable = len(keys) * self.span < 2**62
+        lengths = np.array([len(s) for s in stamps], dtype=np.int64)
+        self.position = (np.repeat(np.arange(len(keys), dtype=np.int64) * self.span, lengths)
+                         + (every - self.first + 1)) if self.searchable else every
+
+    def windows(self, ranks: np.ndarray, lows: np.ndarray, highs: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        base = ranks * self.span
+        top = self.span - 1
+        # Clipped into the key's band: outside the history, the band's edge finds the same rows.
+        low = base + np.minimum(np.maximum(lows - (self.first - 1), 0), top)
+        high = base + np.minimum(np.maximum(highs - (self.first - 1), 0), top)
+        starts = np.searchsorted(self.position, low, side="left")
+        return starts, np.maximum(np.searchsorted(self.position, high, side="right"), starts)
+
+
 def _window(aggregate: Aggregate, times: Any) -> tuple[np.ndarray, np.ndarray]:
     at = _micros(times) - int(aggregate.lag.total_seconds() * 1e6)
     return at - int(aggregate.window.total_seconds() * 1e6), at
@@ -73,6 +151,8 @@ class MemoryOnlineStore:
     def __init__(self) -> None:
         self._series: dict[tuple[str, Key], tuple[np.ndarray, np.ndarray]] = {}
         self._pending: dict[tuple[str, Key], list[tuple[int, float]]] = {}
+        self._flats: dict[str, _Flat] = {}
+        self._dirty: dict[str, bool] = {}
         self._lock = threading.Lock()
 
     def add(self, aggregate: Aggregate, keys: Sequence[Key], known_at: Any,
@@ -87,6 +167,8 @@ class MemoryOnlineStore:
                 self._pending.setdefault((aggregate.name, tuple(key)), []).append(
                     (int(stamp), float(value)))
                 added += 1
+            if added:
+                self._dirty[aggregate.name] = True
         return added
 
     def _series_for(self, name: str, key: Key) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +188,54 @@ class MemoryOnlineStore:
 
     def query(self, aggregate: Aggregate, keys: Sequence[Key], times: Any
               ) -> list[dict[str, float | int | None]]:
+        return rows_of(aggregate, self.query_columns(aggregate, keys, times))
+
+    def _flat(self, name: str) -> _Flat:
+        """The aggregate's consolidated arrays, rebuilt (under the lock) after events arrive."""
+        flat = self._flats.get(name)
+        if flat is None or self._dirty.get(name):
+            series = {}
+            for slot in [slot for slot in self._pending if slot[0] == name]:
+                self._series_for(*slot)
+            for (aggregate, key), value in self._series.items():
+                if aggregate == name:
+                    series[key] = value
+            flat = self._flats[name] = _Flat(series)
+            self._dirty[name] = False
+        return flat
+
+    def query_columns(self, aggregate: Aggregate, keys: Sequence[Key], times: Any
+                      ) -> dict[str, np.ndarray]:
+        """The statistics of each (key, time) as float64 columns (NaN = NULL), for all rows
+        at once: one searchsorted over the aggregate's consolidated series, one reduceat per
+        statistic."""
         lows, highs = _window(aggregate, times)
+        rows = len(lows)
+        with self._lock:
+            flat = self._flat(aggregate.name)
+        if not flat.searchable:  # astronomically many keys x a long history: key by key
+            return columns_of(aggregate, self._query_by_key(aggregate, keys, lows, highs))
+        rank = flat.rank
+        missing = -1
+        ranks = np.fromiter((rank.get(tuple(k), missing) if valid_key(tuple(k)) else -2
+                             for k in keys), dtype=np.int64, count=rows)
+        known = ranks >= 0
+        out = {stat: np.full(rows, np.nan) for stat in aggregate.statistics}
+        if "count" in out:
+            out["count"][ranks == missing] = 0.0  # a valid key with no history yet
+        if not known.any():
+            return out
+        at = np.flatnonzero(known)
+        starts, ends = flat.windows(ranks[at], lows[at], highs[at])
+        order = np.argsort(starts, kind="stable")
+        at, starts, ends = at[order], starts[order], ends[order]
+        for stat, column in window_statistics(flat.padded, starts, ends,
+                                              aggregate.statistics).items():
+            out[stat][at] = column
+        return out
+
+    def _query_by_key(self, aggregate: Aggregate, keys: Sequence[Key], lows: np.ndarray,
+                      highs: np.ndarray) -> list[dict[str, float | int | None]]:
         out = []
         with self._lock:
             for key, low, high in zip(keys, lows, highs, strict=True):
@@ -175,6 +304,10 @@ class RedisOnlineStore:
             values = np.array([float(m.split(b":", 1)[0]) for m in members], dtype=np.float64)
             out.append(statistics(values, aggregate.statistics))
         return out
+
+    def query_columns(self, aggregate: Aggregate, keys: Sequence[Key], times: Any
+                      ) -> dict[str, np.ndarray]:
+        return columns_of(aggregate, self.query(aggregate, keys, times))
 
     def clear(self) -> None:
         for name in self.client.scan_iter(f"{self.prefix}:*", count=1000):

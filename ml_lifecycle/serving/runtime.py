@@ -1,12 +1,17 @@
-"""The serving runtime: request rows -> the pipeline's own cleaning and feature SQL -> prediction.
+"""The serving runtime: request rows -> the pipeline's own cleaning and feature code -> prediction.
 
 No Dagster and no BentoML here (the BentoML service is a thin shell around it), so tests and
 benchmarks drive it directly. One request batch goes through:
-1. the cleaning statement of `data/cleaning.py` built in serving mode, run by an in-memory DuckDB
-   that holds the exported reference tables (weather as of the request's time, planes, ...);
+1. cleaning as `data/cleaning.py` defines it in serving mode: the plan's column rules and
+   reference lookups, compiled at start-up (`serving/transform.py`: the pipeline's reference
+   queries and cleaning SQL run once over the snapshot's tables, then no query per request);
 2. history aggregates from the online store (same definition as offline);
-3. `feature_select_sql` and `matrix_select_sql` of the model version being served;
+3. `FeatureEncoder` of the model version being served (the encoder training builds its matrix
+   with);
 4. LightGBM; every prediction appended to the worker's inference log.
+A plan the compiled path cannot reproduce (nested primary columns, text or JSON features), or
+ML_LIFECYCLE_SERVING_SQL=1, runs the pipeline's SQL statements per request instead (slow: a DuckDB
+query plan per request, tens of ms).
 The champion is re-read from the registry when its alias changes and swapped in one assignment:
 requests in flight finish on the model they started with, none fail.
 """
@@ -34,11 +39,17 @@ from ml_lifecycle.data.cleaning import (
     build_cleaning,
     flatten_columns,
 )
-from ml_lifecycle.data.features import FeatureState, feature_select_sql
+from ml_lifecycle.data.features import (
+    FeatureEncoder,
+    FeatureState,
+    feature_select_sql,
+    time_parts,
+)
 from ml_lifecycle.data.sources import quote, sql_literal
 from ml_lifecycle.serving.inference_log import InferenceLog
-from ml_lifecycle.serving.online_store import MemoryOnlineStore, OnlineStore
+from ml_lifecycle.serving.online_store import MemoryOnlineStore, OnlineStore, columns_of
 from ml_lifecycle.serving.snapshot import current_snapshot
+from ml_lifecycle.serving.transform import RequestTransform
 from ml_lifecycle.spec import TIME, DatasetSpec
 from ml_lifecycle.training.dataset import matrix_select_sql
 from ml_lifecycle.training.registry import ModelRegistry
@@ -79,10 +90,16 @@ class LoadedModel:
     state: FeatureState
     metadata: dict[str, Any]
     matrix_sql: str = ""
+    encoder: FeatureEncoder | None = None
 
     @property
     def classes(self) -> list[str] | None:
         return self.metadata.get("classes")
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the encoder covers every feature (text and JSON features need the SQL)."""
+        return all(f.kind not in ("text_hash", "json") for f in self.state.features)
 
 
 @dataclass
@@ -135,6 +152,11 @@ class ServingRuntime:
         self.db.register("__request", pa.Table.from_pylist([], schema=self.request_schema))
         self.db.execute(f"CREATE VIEW __clean AS {self.plan.sql}")
         self.db.unregister("__request")
+        self.transform: RequestTransform | None = None
+        if os.environ.get("ML_LIFECYCLE_SERVING_SQL", "0").lower() in ("0", "false", "no", ""):
+            transform = RequestTransform(self.db, spec, self.plan, self.raw_schema,
+                                         flatten_columns(self.db, primary))
+            self.transform = None if transform.unsupported else transform
         self._models_prepared = 0
         self._reload_lock = threading.Lock()
         self.fields = self._request_fields(primary)
@@ -207,8 +229,9 @@ class ServingRuntime:
     def _load(self, version: str) -> LoadedModel:
         loaded = self.registry.load(version)
         model = LoadedModel(version=version, booster=loaded.booster(), state=loaded.state,
-                            metadata=loaded.metadata)
-        model.matrix_sql = self._prepare_matrix(model)
+                            metadata=loaded.metadata, encoder=FeatureEncoder(loaded.state))
+        if self.transform is None or not model.compiled:
+            model.matrix_sql = self._prepare_matrix(model)
         return model
 
     def _load_shadow(self) -> LoadedModel | None:
@@ -388,19 +411,59 @@ class ServingRuntime:
     def score(self, records: list[dict[str, Any]], request_ids: list[str] | None = None,
               log: bool = True) -> list[dict[str, Any]]:
         """Predictions for raw records (the request fields), in order; logs each one."""
-        if not records:
-            raise RequestError("the batch is empty: send at least one record")
-        if len(records) > self.max_batch:
-            raise RequestError(f"the batch has {len(records)} records; at most {self.max_batch}")
+        self._check_size(len(records))
         model = self.model  # pinned: a swap during this request does not affect it
         shadow = self.shadow
+        if self._compiled_for(model, shadow):
+            names = [f.name for f in self.fields]
+            inputs = {name: [r.get(name) for r in records] for name in names}
+            ids, prediction = self._score_compiled(inputs, len(records), model, shadow,
+                                                   request_ids, log)
+            return self._present_all(prediction, model, ids)
+        return self._score_sql(records, model, shadow, request_ids, log)
+
+    def score_columns(self, inputs: dict[str, list[Any]], request_ids: list[str] | None = None,
+                      log: bool = True) -> dict[str, Any]:
+        """Predictions for columns of request fields (equal lengths), as columns."""
+        rows = _rows_of(inputs)
+        self._check_size(rows)
+        model = self.model
+        shadow = self.shadow
+        if self._compiled_for(model, shadow):
+            ids, prediction = self._score_compiled(inputs, rows, model, shadow, request_ids, log)
+            return self._present_columns(prediction, model, ids)
+        names = list(inputs)
+        records = [dict(zip(names, values, strict=True))
+                   for values in zip(*inputs.values(), strict=True)]
+        results = self._score_sql(records, model, shadow, request_ids, log)
+        out: dict[str, Any] = {"model_version": model.version,
+                               "request_ids": [r["request_id"] for r in results]}
+        for key in results[0]:
+            if key not in ("request_id", "model_version"):
+                out[_plural(key)] = [r[key] for r in results]
+        return out
+
+    def _check_size(self, rows: int) -> None:
+        if not rows:
+            raise RequestError("the batch is empty: send at least one record")
+        if rows > self.max_batch:
+            raise RequestError(f"the batch has {rows} records; at most {self.max_batch}")
+
+    def _compiled_for(self, model: LoadedModel, shadow: LoadedModel | None) -> bool:
+        return self.transform is not None and model.compiled and (
+            shadow is None or shadow.compiled)
+
+    def _score_sql(self, records: list[dict[str, Any]], model: LoadedModel,
+                   shadow: LoadedModel | None, request_ids: list[str] | None,
+                   log: bool) -> list[dict[str, Any]]:
+        """The pipeline's SQL per request (plans the compiled path does not cover)."""
         cleaned = self._with_aggregates(self._clean(records))
         self._check_categories(cleaned, model)
         prediction, readable = self._score_matrix(cleaned, model)
         shadow_prediction = None
         if shadow is not None:
             shadow_prediction, _ = self._score_matrix(cleaned, shadow)
-        ids = request_ids or [uuid.uuid4().hex for _ in records]
+        ids = request_ids or _request_ids(len(records))
         results = []
         for index in range(len(records)):
             results.append({"request_id": ids[index], "model_version": model.version,
@@ -408,6 +471,123 @@ class ServingRuntime:
         if log and self.log_predictions:
             self._log(results, readable, cleaned, prediction, shadow, shadow_prediction, records)
         return results
+
+    # -- compiled path ----------------------------------------------------------------------
+    def _clean_compiled(self, inputs: dict[str, list[Any]], rows: int) -> dict[str, Any]:
+        assert self.transform is not None
+        try:
+            columns, times = self.transform.clean(inputs, rows)
+        except _VALUE_ERRORS:
+            # The SQL path names the record the spec's expression fails on.
+            names = list(inputs)
+            self._clean([dict(zip(names, values, strict=True))
+                         for values in zip(*inputs.values(), strict=True)])
+            raise
+        if self.spec.has_time:
+            bad = np.flatnonzero(times == np.iinfo(np.int64).min)
+            if bad.size:
+                raise RequestError(f"record {int(bad[0])}: the time ({self.spec.time_sql}) "
+                                   "cannot be computed from its fields")
+        for aggregate in self.spec.aggregates:
+            keys = list(zip(*[columns[k] for k in aggregate.keys], strict=True))
+            query = getattr(self.store, "query_columns", None)
+            stats = (query(aggregate, keys, columns[TIME]) if query is not None else
+                     columns_of(aggregate, self.store.query(aggregate, keys, columns[TIME])))
+            for stat in aggregate.statistics:
+                columns[f"{aggregate.name}_{stat}"] = stats[stat]
+        return columns
+
+    def _check_compiled(self, columns: dict[str, Any], model: LoadedModel) -> None:
+        if self.unknown_categories != "reject":
+            return
+        for name, levels in model.state.categories.items():
+            if len(levels) >= self.spec.max_categories or name not in columns:
+                continue  # capped vocabulary: rare levels are expected
+            codes = model.encoder.codes[name] if model.encoder else {}
+            for index, value in enumerate(columns[name]):
+                if value is not None and (value if isinstance(value, str) else str(value)) \
+                        not in codes:
+                    raise RequestError(
+                        f"record {index}: field {name!r}: unknown category {value!r} "
+                        f"(the model knows {len(levels)} levels)")
+
+    def _score_compiled(self, inputs: dict[str, list[Any]], rows: int, model: LoadedModel,
+                        shadow: LoadedModel | None, request_ids: list[str] | None,
+                        log: bool) -> tuple[list[str], np.ndarray]:
+        columns = self._clean_compiled(inputs, rows)
+        self._check_compiled(columns, model)
+        prediction = self._predict(model, columns, rows)
+        shadow_prediction = self._predict(shadow, columns, rows) if shadow is not None else None
+        ids = request_ids or _request_ids(rows)
+        if log and self.log_predictions:
+            self._log_compiled(ids, prediction, columns, model, shadow, shadow_prediction)
+        return ids, prediction
+
+    @staticmethod
+    def _predict(model: LoadedModel, columns: dict[str, Any], rows: int) -> np.ndarray:
+        assert model.encoder is not None
+        matrix = model.encoder.matrix(columns, rows)
+        # One thread for small requests: waking OpenMP workers costs more than the trees, and
+        # a busy core stalls the whole call.
+        extra = {"num_threads": 1} if rows < _THREADED_FROM else {}
+        return np.asarray(model.booster.predict(matrix, **extra))
+
+    def _present_all(self, prediction: np.ndarray, model: LoadedModel,
+                     ids: list[str]) -> list[dict[str, Any]]:
+        version = model.version
+        if self.spec.task == "binary":
+            values = prediction.tolist()
+            return [{"request_id": i, "model_version": version, "prediction": p,
+                     "label": int(p >= 0.5)} for i, p in zip(ids, values, strict=True)]
+        return [{"request_id": i, "model_version": version, **self._present(p, model)}
+                for i, p in zip(ids, prediction, strict=True)]
+
+    def _present_columns(self, prediction: np.ndarray, model: LoadedModel,
+                         ids: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {"model_version": model.version, "request_ids": ids}
+        if self.spec.task == "binary":
+            out["predictions"] = prediction.tolist()
+            out["labels"] = (prediction >= 0.5).astype(int).tolist()
+        elif self.spec.task == "multiclass":
+            classes = model.classes or []
+            out["predictions"] = [classes[i] for i in np.argmax(prediction, axis=1).tolist()]
+            out["probabilities"] = {c: prediction[:, i].tolist() for i, c in enumerate(classes)}
+        else:
+            out["predictions"] = prediction.tolist()
+        return out
+
+    def _readable(self, columns: dict[str, Any], model: LoadedModel) -> dict[str, list[Any]]:
+        """The features as scored, by name, as the features table holds them (JSON-ready)."""
+        assert model.encoder is not None
+        parts = time_parts(columns[TIME]) if self.spec.has_time else {}
+        out: dict[str, list[Any]] = {}
+        for feature in model.state.features:
+            name = feature.name
+            if feature.categorical:
+                out[name] = model.encoder.known(name, columns[name])
+            elif feature.kind == "time":
+                out[name] = _json_numbers(parts[name])
+            elif feature.kind == "boolean":
+                out[name] = [None if v is None else int(v) for v in columns[name]]
+            else:
+                out[name] = _json_numbers(columns[name])
+        return out
+
+    def _log_compiled(self, ids: list[str], prediction: np.ndarray, columns: dict[str, Any],
+                      model: LoadedModel, shadow: LoadedModel | None,
+                      shadow_prediction: np.ndarray | None) -> None:
+        rows = len(ids)
+        times = (np.datetime_as_string(columns[TIME], unit="us").tolist() if self.spec.has_time
+                 else [None] * rows)
+        id_columns = {name: _json_values(columns[name]) for name in self.spec.id_columns
+                      if name in columns}
+        shadows = None
+        if shadow is not None and shadow_prediction is not None:
+            shadows = self._present_columns(shadow_prediction, shadow, ids)
+            shadows.pop("request_ids")
+        presented = self._present_columns(prediction, model, ids)
+        self.log.write_predictions(ids, model.version, presented["predictions"], times,
+                                   id_columns, self._readable(columns, model), shadows)
 
     def _log(self, results, readable: pa.Table, cleaned: pa.Table, prediction, shadow,
              shadow_prediction, records) -> None:
@@ -478,6 +658,38 @@ class ServingRuntime:
                 "snapshot": self.snapshot.name, "swaps": self.swaps,
                 "request_fields": {f.name: {"type": f.dtype, "required": f.required,
                                             "nullable": f.nullable} for f in self.fields}}
+
+
+_THREADED_FROM = 512  # rows
+
+
+def _rows_of(inputs: dict[str, list[Any]]) -> int:
+    lengths = {name: len(values) for name, values in inputs.items()}
+    if len(set(lengths.values())) > 1:
+        raise RequestError(f"columns differ in length: {lengths}")
+    return next(iter(lengths.values()), 0)
+
+
+def _plural(key: str) -> str:
+    return {"prediction": "predictions", "label": "labels",
+            "probabilities": "probabilities"}.get(key, key)
+
+
+def _request_ids(count: int) -> list[str]:
+    """Unique ids for a batch: one random prefix, then the row (32 hex digits like a uuid4)."""
+    prefix = uuid.uuid4().hex[:24]
+    return [f"{prefix}{index:08x}" for index in range(count)]
+
+
+def _json_numbers(values: Any) -> list[Any]:
+    array = np.asarray(values, dtype=np.float64)
+    return [None if v != v else v for v in array.tolist()]
+
+
+def _json_values(values: Any) -> list[Any]:
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        return _json_numbers(values)
+    return list(values)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:

@@ -2,9 +2,9 @@
 
 Split by time when the spec has one (train on the oldest periods, validate on the next, test on
 the newest), otherwise a seeded random split. Rows without a target are excluded and counted.
-The matrix is built by `matrix_select_sql(state)`: categorical ENUMs become their codes under
-the model's own vocabulary (a level the model never saw becomes NULL = missing), so a model can
-score any later features table, and the service builds the same matrix.
+The matrix is built by `FeatureEncoder(state)` (data/features.py), the encoder the service
+calls on each request: categorical levels become their codes under the model's own vocabulary
+(a level the model never saw becomes missing), so a model can score any later features table.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from datetime import datetime
 import duckdb
 import numpy as np
 
-from ml_lifecycle.data.features import FeatureState
+from ml_lifecycle.data.features import FeatureEncoder, FeatureState
 from ml_lifecycle.data.sources import quote
 from ml_lifecycle.spec import TARGET, TIME, DatasetSpec, SpecError
 
@@ -50,7 +50,8 @@ class ModelData:
 
 
 def matrix_select_sql(state: FeatureState, alias: str = "f") -> list[str]:
-    """SELECT items giving the model's numeric matrix (FLOAT) from a features-shaped relation."""
+    """SELECT items giving the model's numeric matrix (FLOAT) in SQL (ad-hoc scoring in DuckDB,
+    e.g. the demo); `FeatureEncoder` gives the same values and is what training and serving use."""
     items = []
     for feature in state.features:
         column = f"{alias}.{quote(feature.name)}"
@@ -107,9 +108,11 @@ def load_model_data(
         split_sql = "NULL"
         order = ", ".join([*[f"f.{quote(c)}" for c in spec.id_columns], "f.rowid"])
     time_item = [f"f.{TIME} AS {TIME}"] if spec.has_time else []
+    inputs = [f"CAST(f.{quote(f.name)} AS VARCHAR) AS {quote(f.name)}" if f.categorical
+              else f"f.{quote(f.name)}" for f in state.features if f.kind != "time"]
     query = (
         f"SELECT {split_sql} AS {SPLIT}, f.{TARGET} AS {TARGET}, {', '.join(time_item + extra)}"
-        f"{', ' if time_item or extra else ''}{', '.join(matrix_select_sql(state))} "
+        f"{', ' if time_item or extra else ''}{', '.join(inputs)} "
         f"FROM {quote(table)} AS f WHERE f.{TARGET} IS NOT NULL ORDER BY {order}"
     )
     frame = conn.sql(query).pl()
@@ -133,8 +136,13 @@ def load_model_data(
         y_all = np.array([index.get(v, -1) for v in values], dtype=np.int64)
     else:
         y_all = target.cast(float).to_numpy()
-    X_all = frame.select(names).to_numpy().astype(np.float32, copy=False)
     times = frame[TIME].to_numpy() if spec.has_time else None
+    categorical = set(state.categorical_features)
+    columns = {f.name: frame[f.name].to_arrow() if f.name in categorical else frame[f.name].to_numpy()
+               for f in state.features if f.kind != "time"}
+    if times is not None:
+        columns[TIME] = times
+    X_all = FeatureEncoder(state).matrix(columns, frame.height)
     splits: dict[str, SplitData] = {}
     for name in SPLITS:
         mask = labels == name

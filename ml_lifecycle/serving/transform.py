@@ -1,0 +1,213 @@
+"""Request rows -> cleaned columns without a query per request, compiled from the cleaning plan.
+
+The pipeline's `build_cleaning(..., serving=True)` describes every column it cleans: the primary
+columns' rules (`ColumnRule`, whose `apply` is the numpy executor of the same rule the SQL
+statement uses) and each reference's lookup (`ReferenceLookup`). At start-up this module runs
+the pipeline's own reference queries and cleaning SQL over the snapshot's reference tables once,
+and keeps the cleaned reference values in memory, indexed by key (and sorted by time for a
+reference with a time). A request is then: the rules over its columns, dictionary and binary
+searches for the joins (as of the request's time, `max_age` applied), and the spec's time
+expression. Only a `time_expression` (user SQL) still goes to DuckDB, memoised by its inputs.
+
+What it cannot reproduce exactly (nested primary columns, a rule over an unusual type) makes
+`RequestTransform.unsupported` non-empty, and the runtime then runs the SQL per request instead.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from ml_lifecycle.data.cleaning import CleaningPlan, ColumnRule, FlatColumn, ReferenceLookup
+from ml_lifecycle.data.sources import quote
+from ml_lifecycle.spec import TIME, DatasetSpec
+
+_DIRECT_TIMES = {"TIMESTAMP", "DATE"}
+_TEXT_KEYS = {"VARCHAR", "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT",
+              "UINTEGER", "UBIGINT"}
+_MEMO_LIMIT = 200_000
+
+
+def _base(dtype: str) -> str:
+    return dtype.split("(")[0].upper()
+
+
+def _column(values: pa.ChunkedArray) -> np.ndarray:
+    """An Arrow column as float64 (numbers, NaN = NULL) or an object array (anything else)."""
+    kind = values.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        return values.cast(pa.float64()).to_numpy().astype(np.float64, copy=False)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values.to_pylist()
+    return out
+
+
+class ReferenceIndex:
+    """One reference's cleaned rows in memory: key -> rows (sorted by time when it has one)."""
+
+    def __init__(self, db: duckdb.DuckDBPyConnection, lookup: ReferenceLookup) -> None:
+        self.lookup = lookup
+        self.timed = lookup.timed
+        self.max_age_us = (int(lookup.max_age.total_seconds()) * 1_000_000
+                           if lookup.max_age is not None else None)
+        keys = [f"CAST(r.{quote(r_col)} AS VARCHAR)" if as_text else f"r.{quote(r_col)}"
+                for _, r_col, as_text in lookup.keys]
+        names = [f"__k{i}" for i in range(len(keys))]
+        time_item = "epoch_us(r.__ref_time)" if self.timed else "0"
+        outputs = [f"{sql} AS {quote(name)}" for name, sql in lookup.outputs.items()]
+        not_null = " AND ".join(f"{k} IS NOT NULL" for k in keys)
+        # `r` is the pipeline's reference query (prepared once by the runtime), so the rows, the
+        # de-duplication and the cleaning of every value are the pipeline's own.
+        table = db.sql(
+            f"SELECT {', '.join(f'{k} AS {n}' for k, n in zip(keys, names, strict=True))}, "
+            f"{time_item} AS __t{''.join(', ' + o for o in outputs)} FROM {lookup.table} r "
+            f"WHERE {not_null} ORDER BY {', '.join(names)}, __t").to_arrow_table()
+        missing = None
+        if lookup.missing:
+            items = ", ".join(f"{sql} AS {quote(name)}" for name, sql in lookup.missing.items())
+            missing = db.sql(f"SELECT {items}").to_arrow_table()
+        self.times = table.column("__t").to_numpy().astype(np.int64)
+        key_lists = [table.column(n).to_pylist() for n in names]
+        self.spans: dict[tuple[Any, ...], tuple[int, int]] = {}
+        previous, start = None, 0
+        for row, key in enumerate(zip(*key_lists, strict=True)):
+            if key != previous:
+                if previous is not None:
+                    self.spans[previous] = (start, row)
+                previous, start = key, row
+        if previous is not None:
+            self.spans[previous] = (start, table.num_rows)
+        self.missing_row = table.num_rows  # every column ends with its no-match value
+        self.columns: dict[str, np.ndarray] = {}
+        for name in lookup.outputs:
+            column = _column(table.column(name))
+            fallback = _column(missing.column(name)) if missing is not None else None
+            self.columns[name] = np.concatenate([column, fallback.astype(column.dtype)])
+
+    def rows(self, key_columns: list[Sequence[Any]], times: np.ndarray) -> np.ndarray:
+        """The matched row of each request row (`missing_row` when none, or too old)."""
+        count = len(times)
+        out = np.full(count, self.missing_row, dtype=np.int64)
+        as_text = [t for _, _, t in self.lookup.keys]
+        if any(as_text):
+            key_columns = [[None if k is None else str(k) for k in column] if text else column
+                           for column, text in zip(key_columns, as_text, strict=True)]
+        keys = list(zip(*key_columns, strict=True))
+        if not self.timed:  # one row per key (the pipeline's query keeps the latest)
+            spans, miss = self.spans, (self.missing_row, 0)
+            return np.fromiter((spans.get(k, miss)[0] for k in keys), dtype=np.int64,
+                               count=count)  # a NULL in a key matches nothing
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(key, []).append(index)
+        for key, indices in groups.items():
+            span = self.spans.get(key)
+            if span is None:
+                continue
+            start, end = span
+            at = np.asarray(indices, dtype=np.int64)
+            wanted = times[at]
+            found = start + np.searchsorted(self.times[start:end], wanted, side="right") - 1
+            ok = found >= start  # ASOF: the latest observation at or before the row's time
+            if self.max_age_us is not None:
+                ok &= wanted - self.times[np.maximum(found, start)] <= self.max_age_us
+            out[at[ok]] = found[ok]
+        return out
+
+
+class RequestTransform:
+    """Cleans request rows like `build_cleaning(..., serving=True)` does, without SQL per row."""
+
+    def __init__(self, db: duckdb.DuckDBPyConnection, spec: DatasetSpec, plan: CleaningPlan,
+                 raw_schema: pa.Schema, flat: list[FlatColumn]) -> None:
+        self.spec = spec
+        self.rules: list[ColumnRule] = plan.primary_rules
+        self.raw_schema = raw_schema
+        self.unsupported: list[str] = []
+        nested = [c.name for c in flat if c.name != c.origin]
+        if nested:
+            self.unsupported.append(f"nested primary columns {nested}")
+        self.unsupported += [f"column {r.name!r} ({r.role}, {r.dtype})" for r in self.rules
+                             if not r.applicable]
+        types = {c.name: c.dtype for c in flat}
+        for lookup in plan.references:
+            for p_col, _, as_text in lookup.keys:
+                if as_text and _base(types.get(p_col, "")) not in _TEXT_KEYS:
+                    self.unsupported.append(f"reference {lookup.name!r} key {p_col!r} compared "
+                                            f"as text from {types.get(p_col)}")
+        self.references = [ReferenceIndex(db, lookup) for lookup in plan.references]
+        self.time_inputs: list[str] = []
+        self.time_direct = False
+        if spec.has_time:
+            if spec.time_column and _base(types.get(spec.time_column, "")) in _DIRECT_TIMES:
+                self.time_direct = True
+                self.time_inputs = [spec.time_column]
+            else:
+                words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", spec.time_sql or ""))
+                self.time_inputs = [f.name for f in raw_schema if f.name in words]
+        self._db = db
+        self._local = threading.local()
+        self._memo: dict[tuple[Any, ...], int | None] = {}
+        self._memo_lock = threading.Lock()
+
+    # -- time -------------------------------------------------------------------------------
+    def times(self, inputs: dict[str, Sequence[Any]], rows: int) -> np.ndarray:
+        """`__time` of each row in µs (int64; NaT's value for NULL), as the pipeline's
+        `CAST((time_sql) AS TIMESTAMP)`. Raises DuckDB's value errors for the caller."""
+        if not self.spec.has_time:
+            return np.zeros(rows, dtype=np.int64)
+        if self.time_direct:
+            values = inputs.get(self.time_inputs[0], [None] * rows)
+            return np.array(values, dtype="datetime64[us]").astype(np.int64)
+        none = [None] * rows
+        keys = list(zip(*[inputs.get(n, none) for n in self.time_inputs], strict=True))
+        memo = self._memo
+        todo = sorted({k for k in keys if k not in memo}, key=repr)
+        if todo:
+            self._evaluate_times(todo)
+        nat = np.iinfo(np.int64).min
+        return np.array([nat if memo[k] is None else memo[k] for k in keys], dtype=np.int64)
+
+    def _evaluate_times(self, keys: list[tuple[Any, ...]]) -> None:
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            cursor = self._local.cursor = self._db.cursor()
+        schema = pa.schema([self.raw_schema.field(n) for n in self.time_inputs])
+        table = pa.Table.from_pylist([dict(zip(self.time_inputs, k, strict=True)) for k in keys],
+                                     schema=schema)
+        cursor.register("__time_input", table)
+        try:
+            values = cursor.execute(
+                f"SELECT epoch_us(CAST(({self.spec.time_sql}) AS TIMESTAMP)) "
+                f"FROM __time_input").fetchall()
+        finally:
+            cursor.unregister("__time_input")
+        with self._memo_lock:
+            if len(self._memo) + len(keys) > _MEMO_LIMIT:
+                self._memo.clear()
+            self._memo.update(zip(keys, (v[0] for v in values), strict=True))
+
+    # -- rows -------------------------------------------------------------------------------
+    def clean(self, inputs: dict[str, Sequence[Any]], rows: int
+              ) -> tuple[dict[str, Any], np.ndarray]:
+        """Cleaned columns by name (numbers float64 with NaN = NULL, others objects) from the
+        request fields' columns (a missing field is NULL), and the rows' `__time` in µs (the
+        caller rejects NULL times)."""
+        times = self.times(inputs, rows)
+        none = [None] * rows
+        columns: dict[str, Any] = {}
+        for rule in self.rules:
+            columns[rule.name] = rule.apply(inputs.get(rule.name, none))
+        for reference in self.references:
+            keys = [inputs.get(p_col, none) for p_col, _, _ in reference.lookup.keys]
+            matched = reference.rows(keys, times)
+            for name, values in reference.columns.items():
+                columns[name] = values[matched]
+        columns[TIME] = times.astype("datetime64[us]")
+        return columns, times
