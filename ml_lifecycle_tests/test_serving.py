@@ -263,6 +263,108 @@ def test_http_predictions_equal_offline_predictions(served: Served, client: http
         assert abs(single.json()["prediction"] - offline[index]) <= 1e-9
 
 
+def test_columns_payload_scores_like_records(served: Served, client: httpx.Client):
+    """/predict_columns (one list per field) answers what /predict_batch answers, as lists."""
+    records = served.test_records[:MAX_BATCH]
+    columns = {name: [r[name] for r in records] for name in served.fields}
+    response = client.post("/predict_columns", json={"columns": columns})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"model_version", "request_ids", "predictions", "labels"}
+    assert body["model_version"] == "v0001" and len(set(body["request_ids"])) == len(records)
+    offline = served.offline_predictions("v0001")[: len(records)]
+    np.testing.assert_allclose(body["predictions"], offline, rtol=0, atol=1e-9)
+    assert body["labels"] == [int(p >= 0.5) for p in body["predictions"]]
+    # An optional field may be left out (null for every record); bad values name the field.
+    optional = {k: v for k, v in columns.items() if k != "passengers"}
+    assert client.post("/predict_columns", json={"columns": optional}).status_code == 200
+    cases = [
+        ({**columns, "distance": columns["distance"][:-1]}, ["lengths", "distance"]),
+        ({**columns, "distance": ["far", *columns["distance"][1:]]}, ["distance", "0"]),
+        ({k: v for k, v in columns.items() if k != "site"}, ["site"]),
+        ({**columns, "site": ["atlantis", *columns["site"][1:]]}, ["record 0", "site"]),
+        ({**columns, "delay": [1] * len(records)}, ["delay"]),
+    ]
+    for body_columns, words in cases:
+        bad = client.post("/predict_columns", json={"columns": body_columns})
+        assert bad.status_code == 400 and all(w in bad.text for w in words), bad.text[:300]
+
+
+def test_compiled_serving_path_equals_the_pipeline_sql_on_every_row(served: Served):
+    """The service's compiled cleaning (column rules, in-memory reference lookups) and the
+    pipeline's cleaning SQL give the same columns and predictions for every row of the dataset
+    (null keys, out-of-range values, readings older than max_age included); the encoder's time
+    parts and category codes equal the features table's SQL on every row."""
+    from ml_lifecycle.data.features import FeatureEncoder, time_parts
+    from ml_lifecycle.training.dataset import matrix_select_sql
+
+    runtime = served.runtime
+    assert runtime.transform is not None and runtime.model.compiled
+    with warehouse_connection(served.spec.paths().warehouse) as conn:
+        records = conn.sql(
+            f"SELECT {', '.join(served.fields)} FROM raw_synthetic_serving ORDER BY trip_id"
+        ).to_arrow_table().to_pylist()
+        state = runtime.model.state
+        parts = [name for name in state.feature_names if name.startswith("time__")]
+        table = conn.sql(
+            f"SELECT f.{TIME}, {', '.join(f'f.{n} AS sql_{n}' for n in parts)}, "
+            f"{', '.join(matrix_select_sql(state))} FROM features f"
+        ).pl()
+        features = conn.sql(
+            f"SELECT {TIME}, * EXCLUDE ({TIME}) REPLACE ("
+            + ", ".join(f"CAST({n} AS VARCHAR) AS {n}" for n in state.categorical_features)
+            + ") FROM features"
+        ).pl()
+    assert len(records) == 5000
+    inputs = {name: [r[name] for r in records] for name in served.fields}
+    compiled = runtime._clean_compiled(inputs, len(records))
+    by_sql = runtime._with_aggregates(runtime._clean(records))
+    for name in by_sql.column_names:
+        if name.startswith("__") and name != TIME:
+            continue  # target, aggregate inputs, request row: not used for scoring
+        want = by_sql.column(name).to_pylist()
+        have = compiled[name]
+        if name == TIME:
+            have = have.astype("datetime64[us]").tolist()
+        elif isinstance(have, np.ndarray) and have.dtype.kind == "f":
+            have = [None if v != v else v for v in have.tolist()]
+            want = [None if v is None else float(v) for v in want]
+        else:
+            have = list(have)
+        assert have == want, name
+    assert np.isnan(compiled["readings_wind"]).any()  # stale or unmatched readings exist
+    assert "(missing)" in set(compiled["site"].tolist())
+
+    encoder = FeatureEncoder(state)
+    for name, values in time_parts(table[TIME].to_numpy()).items():
+        np.testing.assert_array_equal(values, table[f"sql_{name}"].to_numpy().astype(np.float64))
+    columns = {f.name: features[f.name].to_list() for f in state.features if f.kind != "time"}
+    columns[TIME] = features[TIME].to_numpy()
+    by_sql_matrix = table.select(state.feature_names).to_numpy().astype(np.float32)
+    np.testing.assert_array_equal(encoder.matrix(columns, features.height), by_sql_matrix)
+
+    previous = os.environ.get("ML_LIFECYCLE_SERVING_SQL")
+    os.environ["ML_LIFECYCLE_SERVING_SQL"] = "1"
+    try:
+        sql_runtime = ServingRuntime(
+            served.spec, watch_interval=None, log_dir=served.root / "sql_log", max_batch=5000
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("ML_LIFECYCLE_SERVING_SQL")
+        else:
+            os.environ["ML_LIFECYCLE_SERVING_SQL"] = previous
+    try:
+        assert sql_runtime.transform is None
+        runtime.max_batch = 5000
+        fast = [r["prediction"] for r in runtime.score(records, log=False)]
+        slow = [r["prediction"] for r in sql_runtime.score(records, log=False)]
+        np.testing.assert_array_equal(fast, slow)
+    finally:
+        runtime.max_batch = MAX_BATCH
+        sql_runtime.close()
+
+
 # -- 2. online vs offline aggregates --------------------------------------------------------
 
 
