@@ -301,9 +301,13 @@ def test_compiled_serving_path_equals_the_pipeline_sql_on_every_row(served: Serv
     runtime = served.runtime
     assert runtime.transform is not None and runtime.model.compiled
     with warehouse_connection(served.spec.paths().warehouse) as conn:
-        records = conn.sql(
-            f"SELECT {', '.join(served.fields)} FROM raw_synthetic_serving ORDER BY trip_id"
-        ).to_arrow_table().to_pylist()
+        records = (
+            conn.sql(
+                f"SELECT {', '.join(served.fields)} FROM raw_synthetic_serving ORDER BY trip_id"
+            )
+            .to_arrow_table()
+            .to_pylist()
+        )
         state = runtime.model.state
         parts = [name for name in state.feature_names if name.startswith("time__")]
         table = conn.sql(
