@@ -10,6 +10,8 @@ nothing is looked up, validated against a vocabulary or logged.
 
 POST /predict with {"<feature>": number|null, ...}; POST /predict_batch with {"rows": [...]};
 POST /predict_matrix with {"rows": [[number|null, ...], ...]} (positional, model order).
+POST /noop and /noop_sync with {"x": number}: no model at all, the floor of a BentoML endpoint
+(async: handled on the event loop; sync: handed to BentoML's thread pool, as /predict is).
 """
 
 from __future__ import annotations
@@ -60,6 +62,14 @@ class BareLightGBM:
     @bentoml.api(route="/predict_batch")
     def predict_batch(self, batch: Batch, /) -> dict[str, list[float]]:
         return {"predictions": self.booster.predict(self._matrix(batch.rows)).tolist()}
+
+    @bentoml.api(route="/noop")
+    async def noop(self, x: float = 0.0) -> dict[str, float]:
+        return {"x": x}
+
+    @bentoml.api(route="/noop_sync")
+    def noop_sync(self, x: float = 0.0) -> dict[str, float]:
+        return {"x": x}
 
     @bentoml.api(route="/predict_matrix")
     def predict_matrix(self, matrix: Matrix, /) -> dict[str, list[float]]:

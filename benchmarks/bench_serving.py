@@ -16,14 +16,19 @@ service, the model's feature vector (from the features table) for the bare one.
 What runs, one after the other (never two servers at once on this 2-CPU machine):
 * in-process limit: `booster.predict` on a numpy matrix (bulk, 1000-row slices, single rows);
 * ServingRuntime in process (no HTTP): `score()` single row / 1000 rows, logging on and off,
-  and a step-by-step profile of one `score()` (pydantic, Arrow request table, DuckDB cleaning
-  plan/execute, online store, DuckDB matrix plan/execute, LightGBM, inference log);
+  and a step-by-step profile of one `score()` (pydantic, compiled cleaning and reference
+  lookups, online store, FeatureEncoder matrix, LightGBM, inference log, response JSON), and
+  the same `score()` through the pipeline's SQL per request (ML_LIFECYCLE_SERVING_SQL=1, what
+  the service did before it compiled the plan);
 * HTTP, one BentoML worker each: `bare` (benchmarks/bare_service.py: same model, no feature
   logic), `ours` (ml_lifecycle.serving.service) and `ours_nolog` (ML_LIFECYCLE_INFERENCE_LOG=0).
   Scenarios: single-row /predict at 1 and 8 connections, 1000-row /predict_batch at 1 and 2
-  connections; for `bare` also 1000-row /predict_matrix (rows as positional lists instead of
-  objects with 42 named fields: how much of a batch is JSON/pydantic per field). Load generator: `wrk` (C, rotates over pre-serialised bodies with a Lua script)
-  when installed, else Python threads with httpx (slower: it competes for the same 2 CPUs).
+  connections, for `ours` also 1000-row /predict_columns (one list per field); for `bare` also
+  1000-row /predict_matrix (rows as positional lists instead of objects with 42 named fields:
+  how much of a batch is JSON/pydantic per field) and the floor: /noop (async) and /noop_sync,
+  an endpoint without any model. Load generator: `wrk` (C, rotates over pre-serialised bodies
+  with a Lua script) when installed, else Python threads with httpx (slower: it competes for
+  the same 2 CPUs).
 
 Before measuring, the script waits (polling every 30 s, up to `--wait-minutes`) until the
 1-minute load average is below `--max-load`, and records the load before/after every scenario.
@@ -266,8 +271,6 @@ def profile_score(
     service: Any, requests: dict[str, Any], size: int, repeats: int
 ) -> dict[str, float]:
     """One `ServingRuntime.score()` taken apart (the same calls, timed one by one)."""
-    from ml_lifecycle.data.cleaning import REQUEST_ROW
-
     runtime = service.RUNTIME
     model = runtime.model
     bodies = [
@@ -281,54 +284,57 @@ def profile_score(
         steps.setdefault(name, []).append(now - since)
         return now
 
+    from ml_lifecycle.spec import TIME
+
     adapter = __import__("pydantic").TypeAdapter(list[service.Record])
+    names = [f.name for f in runtime.fields]
     for body in bodies:
         t = time.perf_counter()
         records = [r.model_dump() for r in adapter.validate_json(body)]
         t = tick("pydantic validate + dump", t)
-        table = runtime._request_table(records)
-        t = tick("Arrow request table", t)
-        cursor = runtime._cursor()
-        cursor.register("__request", table)
-        relation = cursor.sql("SELECT * FROM __clean")
-        t = tick("DuckDB cleaning: parse/bind", t)
-        cleaned = relation.to_arrow_table()
-        cursor.unregister("__request")
-        t = tick("DuckDB cleaning: optimise/execute/to Arrow", t)
-        cleaned = runtime._with_aggregates(cleaned)
+        inputs = {name: [r.get(name) for r in records] for name in names}
+        t = tick("records -> columns", t)
+        columns, _ = runtime.transform.clean(inputs, len(records))
+        t = tick("cleaning rules + reference lookups + time (compiled)", t)
+        for aggregate in runtime.spec.aggregates:
+            keys = list(zip(*[columns[k] for k in aggregate.keys], strict=True))
+            stats = runtime.store.query_columns(aggregate, keys, columns[TIME])
+            for stat in aggregate.statistics:
+                columns[f"{aggregate.name}_{stat}"] = stats[stat]
         t = tick("online store aggregates", t)
-        runtime._check_categories(cleaned, model)
+        runtime._check_compiled(columns, model)
         t = tick("category check", t)
-        cursor.register("__cleaned", cleaned)
-        relation = cursor.sql(model.matrix_sql)
-        t = tick("DuckDB matrix: parse/bind", t)
-        scored = relation.to_arrow_table()
-        cursor.unregister("__cleaned")
-        t = tick("DuckDB matrix: optimise/execute/to Arrow", t)
-        names = [n for n in scored.column_names if n.startswith("__m_")]
-        matrix = np.column_stack(
-            [scored.column(n).to_numpy(zero_copy_only=False).astype(np.float32) for n in names]
-        )
-        readable = scored.select(
-            [n for n in scored.column_names if not n.startswith("__m_") and n != REQUEST_ROW]
-        )
-        t = tick("Arrow -> numpy matrix", t)
-        prediction = np.asarray(model.booster.predict(matrix))
+        matrix = model.encoder.matrix(columns, len(records))
+        t = tick("FeatureEncoder matrix", t)
+        extra = {"num_threads": 1} if len(records) < 512 else {}
+        prediction = np.asarray(model.booster.predict(matrix, **extra))
         t = tick("LightGBM predict", t)
-        results = [
-            {
-                "request_id": f"r{i}",
-                "model_version": model.version,
-                **runtime._present(prediction[i], model),
-            }
-            for i in range(len(records))
-        ]
+        ids = [f"r{i}" for i in range(len(records))]
+        results = runtime._present_all(prediction, model, ids)
         t = tick("present results", t)
-        runtime._log(results, readable, cleaned, prediction, None, None, records)
-        t = tick("inference log (to_pylist + JSON + write)", t)
+        runtime._log_compiled(ids, prediction, columns, model, None, None)
+        t = tick("inference log (columns -> JSON lines, write)", t)
         json.dumps(results)
         tick("response JSON", t)
     return {name: round(statistics.median(values) * 1000, 4) for name, values in steps.items()}
+
+
+def bench_sql_runtime(spec: Any, requests: dict[str, Any]) -> dict[str, Any]:
+    """`score()` through the pipeline's SQL per request (the service before compiling)."""
+    from ml_lifecycle.serving.runtime import ServingRuntime
+
+    os.environ["ML_LIFECYCLE_SERVING_SQL"] = "1"
+    try:
+        runtime = ServingRuntime(spec, watch_interval=None, log_dir=Path(tempfile.mkdtemp()))
+    finally:
+        os.environ.pop("ML_LIFECYCLE_SERVING_SQL")
+    typed = requests["typed"]
+    for record in typed[:5]:
+        runtime.score([record], log=False)
+    times = [_timed(lambda r=r: runtime.score([r], log=False)) for r in typed[:40]]
+    batch = _timed(lambda: runtime.score(typed[:1000], log=False))
+    runtime.close()
+    return {"single_nolog": percentiles(times), "batch1000_nolog_rows_per_s": round(1000 / batch)}
 
 
 # -- HTTP ----------------------------------------------------------------------------------------
@@ -453,11 +459,14 @@ def http_scenarios(
     args: argparse.Namespace,
     name: str,
     matrix: list[bytes] | None = None,
+    columns: list[bytes] | None = None,
+    floor: list[bytes] | None = None,
 ) -> dict[str, Any]:
     import httpx
 
     files = {}
-    kinds = [("single", single), ("batch", batch)] + ([("matrix", matrix)] if matrix else [])
+    kinds = [("single", single), ("batch", batch)]
+    kinds += [(k, v) for k, v in (("matrix", matrix), ("columns", columns), ("floor", floor)) if v]
     for kind, bodies in kinds:
         path = work / f"{name}_{kind}.jsonl"
         path.write_bytes(b"\n".join(bodies) + b"\n")
@@ -478,6 +487,12 @@ def http_scenarios(
     ]
     if matrix:  # the bare service's positional payload: rows as lists, no field names
         plan.append(("batch1000_matrix_c1", "predict_matrix", "matrix", 1, args.max_batches))
+    if columns:  # ours: one list per field
+        plan.append(("batch1000_columns_c1", "predict_columns", "columns", 1, args.max_batches))
+        plan.append(("batch1000_columns_c2", "predict_columns", "columns", 2, args.max_batches))
+    if floor:  # no model: what BentoML itself costs per request
+        plan.insert(0, ("floor_sync_c1", "noop_sync", "floor", 1, args.max_single))
+        plan.insert(0, ("floor_async_c1", "noop", "floor", 1, args.max_single))
     for key, route, kind, connections, limit in plan:
         before = load1()
         path, bodies = files[kind]
@@ -488,11 +503,11 @@ def http_scenarios(
             else run_python(url, bodies, connections, args.duration, limit)
         )
         result["load_before"], result["load_after"] = before, load1()
-        if kind in ("batch", "matrix"):
+        if kind in ("batch", "matrix", "columns"):
             result["rows_per_s"] = round(result["requests_per_s"] * 1000)
         out[key] = result
         print(
-            f"  {name:10s} {key:13s} {result['requests_per_s']:8.1f} req/s  "
+            f"  {name:10s} {key:20s} {result['requests_per_s']:8.1f} req/s  "
             f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
             f"errors {result['errors']}  load {before}->{result['load_after']}",
             flush=True,
@@ -554,11 +569,23 @@ def table(results: dict[str, Any]) -> str:
             )
             + " |"
         )
+    for key, label in (("batch1000_columns_c1", "1 conn"), ("batch1000_columns_c2", "2 conns")):
+        rows.append(
+            f"| 1000-row batches as columns (/predict_columns), rows/s, {label} | - | - | "
+            + " | ".join(cell(v, key, "rows_per_s", "{:,.0f}") for v in ("ours", "ours_nolog"))
+            + " |"
+        )
     rows.append(
         "| 1000-row batches, rows/s, positional lists (no field names), 1 conn | - | "
         + cell("bare", "batch1000_matrix_c1", "rows_per_s", "{:,.0f}")
         + " | - | - |"
     )
+    for key, label in (("floor_async_c1", "async"), ("floor_sync_c1", "sync")):
+        rows.append(
+            f"| floor: BentoML endpoint without a model ({label}), p50 ms / req/s, 1 conn | - | "
+            f"{cell('bare', key, 'p50_ms')} / {cell('bare', key, 'requests_per_s', '{:.0f}')}"
+            " | - | - |"
+        )
     rows.append(f"| bulk predict, rows/s | {limit['bulk_rows_per_s']:,} | - | - | - |")
     rows.append(
         "| ServingRuntime.score in process, single row p50 (ms) | - | - | "
@@ -569,12 +596,26 @@ def table(results: dict[str, Any]) -> str:
         f"{runtime['batch1000_log_rows_per_s']:,} | "
         f"{runtime['batch1000_nolog_rows_per_s']:,} |"
     )
+    sql = results.get("in_process_sql_runtime")
+    if sql:
+        rows.append(
+            "| same, the pipeline's SQL per request (before), single p50 ms / 1000-row rows/s "
+            f"| - | - | - | {sql['single_nolog']['p50_ms']:.3f} / "
+            f"{sql['batch1000_nolog_rows_per_s']:,} |"
+        )
     return "\n".join(rows)
 
 
 def logging_cost(http: dict[str, Any]) -> dict[str, Any]:
     out = {}
-    for key in ("single_c1", "single_c8", "batch1000_c1", "batch1000_c2"):
+    for key in (
+        "single_c1",
+        "single_c8",
+        "batch1000_c1",
+        "batch1000_c2",
+        "batch1000_columns_c1",
+        "batch1000_columns_c2",
+    ):
         on = http.get("ours", {}).get(key, {}).get("requests_per_s")
         off = http.get("ours_nolog", {}).get(key, {}).get("requests_per_s")
         if on and off:
@@ -654,6 +695,8 @@ def main() -> None:
             "batch_1000": profile_score(service, requests, 1000, 5),
         }
         runtime.close()
+        print("in-process ServingRuntime.score through the SQL per request (before)...", flush=True)
+        results["in_process_sql_runtime"] = bench_sql_runtime(setup["spec"], requests)
 
         single_ours = [json.dumps(r).encode() for r in requests["records"][:5000]]
         batch_ours = [
@@ -661,6 +704,15 @@ def main() -> None:
             for i in range(0, min(len(requests["records"]), 10_000), 1000)
             if len(requests["records"][i : i + 1000]) == 1000
         ]
+        fields = requests["fields"]
+        columns_ours = [
+            json.dumps(
+                {"columns": {f: [r[f] for r in requests["records"][i : i + 1000]] for f in fields}}
+            ).encode()
+            for i in range(0, min(len(requests["records"]), 10_000), 1000)
+            if len(requests["records"][i : i + 1000]) == 1000
+        ]
+        floor = [json.dumps({"x": float(i)}).encode() for i in range(100)]
         single_bare = [json.dumps(r).encode() for r in requests["feature_rows"][:5000]]
         batch_bare = [
             json.dumps({"rows": requests["feature_rows"][i : i + 1000]}).encode()
@@ -690,12 +742,12 @@ def main() -> None:
                 env["BARE_MODEL_TAG"] = str(saved.tag)
                 target, cwd = "bare_service:BareLightGBM", REPO / "benchmarks"
                 bodies = (single_bare, batch_bare)
-                extra = {"matrix": matrix_bare}
+                extra = {"matrix": matrix_bare, "floor": floor}
             else:
                 env["ML_LIFECYCLE_INFERENCE_LOG"] = "0" if variant == "ours_nolog" else "1"
                 target, cwd = "ml_lifecycle.serving.service:Predictor", REPO
                 bodies = (single_ours, batch_ours)
-                extra = {}
+                extra = {"columns": columns_ours}
             print(f"serving {variant}...", flush=True)
             started = time.perf_counter()
             server = start(target, env, work / f"{variant}.log", cwd)
@@ -708,6 +760,14 @@ def main() -> None:
             finally:
                 server.stop()
         results["logging_cost_pct"] = logging_cost(results["http"])
+        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        if "before" in previous:
+            results["before"] = previous["before"]
+        elif "http" in previous:  # the service before it compiled the cleaning plan
+            results["before"] = {
+                key: previous.get(key)
+                for key in ("load", "in_process_runtime", "profile_ms", "http", "table")
+            }
         results["load_at_end"] = load1()
         results["table"] = table(results)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 
 def _default(value: Any) -> Any:
@@ -35,11 +36,18 @@ def _singular(key: str) -> str:
     return {"predictions": "prediction", "labels": "label"}.get(key, key)
 
 
-def _struct(columns: dict[str, list[Any]]):
+def _series(name: str, values: Any):
     import polars as pl
 
-    return pl.DataFrame({name: pl.Series(name, values, strict=False)
-                         for name, values in columns.items()}).to_struct()
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        return pl.Series(name, values, nan_to_null=True)
+    return pl.Series(name, list(values), strict=False)
+
+
+def _struct(columns: dict[str, Any]):
+    import polars as pl
+
+    return pl.DataFrame([_series(name, values) for name, values in columns.items()]).to_struct()
 
 
 def _ndjson(request_ids: list[str], now: str, model_version: str, predictions: list[Any],
@@ -55,7 +63,7 @@ def _ndjson(request_ids: list[str], now: str, model_version: str, predictions: l
         "model_version": pl.repeat(model_version, count, eager=True),
         "ids": _struct(ids),
         "features": _struct(features),
-        "prediction": pl.Series(predictions, strict=False),
+        "prediction": _series("prediction", predictions),
     }
     if shadow_version is not None:
         frame["shadow"] = _struct({"model_version": [shadow_version] * count, **shadow})
@@ -64,12 +72,20 @@ def _ndjson(request_ids: list[str], now: str, model_version: str, predictions: l
     return buffer.getvalue()
 
 
-def _rows(columns: dict[str, list[Any]], count: int) -> list[dict[str, Any]]:
+def _json_ready(values: Any) -> list[Any]:
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind == "f":
+            return [None if v != v else v for v in values.tolist()]
+        return values.tolist()
+    return list(values)
+
+
+def _rows(columns: dict[str, Any], count: int) -> list[dict[str, Any]]:
     if not columns:
         return [{} for _ in range(count)]
     names = list(columns)
-    return [dict(zip(names, values, strict=True))
-            for values in zip(*columns.values(), strict=True)]
+    lists = [_json_ready(values) for values in columns.values()]
+    return [dict(zip(names, values, strict=True)) for values in zip(*lists, strict=True)]
 
 
 def worker_id() -> str:

@@ -88,19 +88,29 @@ def window_statistics(padded: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     if not len(starts) or padded.size <= 1:
         empty = np.full(len(starts), np.nan)
         return {stat: count.copy() if stat == "count" else empty.copy() for stat in wanted}
-    base = int(starts[0])
-    span = padded[base : int(ends.max()) + 1]  # a view: only what the windows cover
+    base, top = int(starts[0]), int(ends.max())
     values = padded[:-1]
+    total = int((ends - starts).sum())
+    if 2 * total < top - base:
+        # Windows far apart (many keys): gather just their values, back to back.
+        offsets = np.concatenate([[0], np.cumsum(ends - starts)[:-1]])
+        gather = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, ends - starts)
+        span = np.append(values[gather], 0.0)
+        first = offsets
+        last = offsets + (ends - starts)
+    else:
+        span = padded[base : top + 1]  # a view: the windows and the gaps between them
+        first, last = starts - base, ends - base
     bounds = np.empty(2 * len(starts), dtype=np.int64)
-    bounds[0::2], bounds[1::2] = starts - base, ends - base
+    bounds[0::2], bounds[1::2] = first, last
     empty = count == 0
     with np.errstate(invalid="ignore", divide="ignore"):
         for stat in wanted:
             if stat == "count":
                 out[stat] = count
             elif stat in ("sum", "mean"):
-                total = np.add.reduceat(span, bounds)[0::2]
-                out[stat] = np.where(empty, np.nan, total / count if stat == "mean" else total)
+                sums = np.add.reduceat(span, bounds)[0::2]
+                out[stat] = np.where(empty, np.nan, sums / count if stat == "mean" else sums)
             elif stat in ("min", "max"):
                 ufunc = np.minimum if stat == "min" else np.maximum
                 out[stat] = np.where(empty, np.nan, ufunc.reduceat(span, bounds)[0::2])
@@ -215,10 +225,16 @@ class MemoryOnlineStore:
             flat = self._flat(aggregate.name)
         if not flat.searchable:  # astronomically many keys x a long history: key by key
             return columns_of(aggregate, self._query_by_key(aggregate, keys, lows, highs))
-        rank = flat.rank
         missing = -1
-        ranks = np.fromiter((rank.get(tuple(k), missing) if valid_key(tuple(k)) else -2
-                             for k in keys), dtype=np.int64, count=rows)
+
+        def rank_of(key: Key, rank: dict[Key, int] = flat.rank) -> int:
+            found = rank.get(key)  # only valid keys were ever added
+            if found is not None:
+                return found
+            return missing if valid_key(key) else -2
+
+        ranks = np.fromiter((rank_of(k if type(k) is tuple else tuple(k)) for k in keys),
+                            dtype=np.int64, count=rows)
         known = ranks >= 0
         out = {stat: np.full(rows, np.nan) for stat in aggregate.statistics}
         if "count" in out:

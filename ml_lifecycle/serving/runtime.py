@@ -556,21 +556,22 @@ class ServingRuntime:
             out["predictions"] = prediction.tolist()
         return out
 
-    def _readable(self, columns: dict[str, Any], model: LoadedModel) -> dict[str, list[Any]]:
-        """The features as scored, by name, as the features table holds them (JSON-ready)."""
+    def _readable(self, columns: dict[str, Any], model: LoadedModel) -> dict[str, Any]:
+        """The features as scored, by name, as the features table holds them: categorical
+        levels as text (unseen: None), numbers as float64 arrays (NaN = null)."""
         assert model.encoder is not None
         parts = time_parts(columns[TIME]) if self.spec.has_time else {}
-        out: dict[str, list[Any]] = {}
+        out: dict[str, Any] = {}
         for feature in model.state.features:
             name = feature.name
             if feature.categorical:
                 out[name] = model.encoder.known(name, columns[name])
             elif feature.kind == "time":
-                out[name] = _json_numbers(parts[name])
+                out[name] = parts[name]
             elif feature.kind == "boolean":
                 out[name] = [None if v is None else int(v) for v in columns[name]]
             else:
-                out[name] = _json_numbers(columns[name])
+                out[name] = np.asarray(columns[name], dtype=np.float64)
         return out
 
     def _log_compiled(self, ids: list[str], prediction: np.ndarray, columns: dict[str, Any],
@@ -681,14 +682,9 @@ def _request_ids(count: int) -> list[str]:
     return [f"{prefix}{index:08x}" for index in range(count)]
 
 
-def _json_numbers(values: Any) -> list[Any]:
-    array = np.asarray(values, dtype=np.float64)
-    return [None if v != v else v for v in array.tolist()]
-
-
 def _json_values(values: Any) -> list[Any]:
     if isinstance(values, np.ndarray) and values.dtype.kind == "f":
-        return _json_numbers(values)
+        return [None if v != v else v for v in values.tolist()]
     return list(values)
 
 
