@@ -453,9 +453,7 @@ def build_cleaning(
         f"QUALIFY row_number() OVER (PARTITION BY {partition} "
         f"ORDER BY {INGESTED_AT} DESC, {SOURCE_FILE} DESC) = 1)"
     )
-    # Offline, no ORDER BY: sorting the wide table dominated the statement at 3.4M rows and no
-    # reader relies on the physical order (training splits and windows order what they read).
-    order_by = ""
+    order_by = f" ORDER BY p.{TIME}" if spec.has_time else ""
     if serving:
         dedup = f"p AS ({with_aggs})"
         select.append(f"p.{REQUEST_ROW}")
