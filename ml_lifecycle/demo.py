@@ -52,7 +52,10 @@ def _execute(
 ) -> dg.DagsterRun | None:
     from ml_lifecycle.cli import execute_with_progress
 
-    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    # The demo prints what happened itself; a failing blocking check is how the monitoring run
+    # asks for a retrain, so step failures are expected here and their stack traces would only
+    # bury the story. Every event is still in the run's log in the UI (`make ui`).
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
     run, error = execute_with_progress(
         job_name,
         instance,
@@ -65,6 +68,14 @@ def _execute(
     if error is not None:
         raise error
     return run
+
+
+def _failed_steps(instance: dg.DagsterInstance, run: dg.DagsterRun | None) -> set[str]:
+    """Step keys that failed in a run (a failing blocking check is one, by design)."""
+    if run is None or run.is_success:
+        return set()
+    failures = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    return {event.step_key for event in failures if event.step_key}
 
 
 def _month_bounds(year: int, month: int) -> tuple[datetime, datetime]:
@@ -136,7 +147,11 @@ def run_demo(
         report = replay(runtime, spec, rows, fields, batch=batch, progress=True)
         row.requests, row.scored = report.records, report.scored
         row.champion = ",".join(sorted(report.model_versions))
-        _execute("monitoring_pipeline", instance, step=f"month {month}: drift")
+        monitoring = _execute("monitoring_pipeline", instance, step=f"month {month}: drift")
+        unexpected = _failed_steps(instance, monitoring) - {"drift_metrics_retrain_required"}
+        if unexpected:
+            row.notes.append(f"monitoring steps failed: {sorted(unexpected)} (see `make ui`)")
+            print(f"      monitoring run failed at {sorted(unexpected)}; its log is in the UI")
         with duckdb.connect(str(paths.warehouse), read_only=True) as conn:
             latest = conn.sql(
                 "SELECT * FROM drift_windows WHERE month(CAST(window_start AS DATE)) = ? "
