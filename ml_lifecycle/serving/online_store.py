@@ -233,6 +233,9 @@ class MemoryOnlineStore:
                 return found
             return missing if valid_key(key) else -2
 
+        if rows == 1:  # one request: scalars, no array set-up
+            return self._query_one(aggregate, flat, rank_of(tuple(keys[0])), int(lows[0]),
+                                   int(highs[0]))
         ranks = np.fromiter((rank_of(k if type(k) is tuple else tuple(k)) for k in keys),
                             dtype=np.int64, count=rows)
         known = ranks >= 0
@@ -249,6 +252,23 @@ class MemoryOnlineStore:
                                               aggregate.statistics).items():
             out[stat][at] = column
         return out
+
+    @staticmethod
+    def _query_one(aggregate: Aggregate, flat: _Flat, rank: int, low: int, high: int
+                   ) -> dict[str, np.ndarray]:
+        """`query_columns` for one row: the same window and reductions, on scalars."""
+        if rank < 0:
+            empty = {stat: np.array([np.nan]) for stat in aggregate.statistics}
+            if rank == -1 and "count" in empty:
+                empty["count"] = np.array([0.0])
+            return empty
+        base, top = rank * flat.span, flat.span - 1
+        start = int(flat.position.searchsorted(base + min(max(low - flat.first + 1, 0), top)))
+        end = max(start, int(flat.position.searchsorted(
+            base + min(max(high - flat.first + 1, 0), top), side="right")))
+        found = statistics(flat.padded[start:end], aggregate.statistics)
+        return {stat: np.array([np.nan if v is None else v], dtype=np.float64)
+                for stat, v in found.items()}
 
     def _query_by_key(self, aggregate: Aggregate, keys: Sequence[Key], lows: np.ndarray,
                       highs: np.ndarray) -> list[dict[str, float | int | None]]:

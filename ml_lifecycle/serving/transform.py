@@ -32,6 +32,7 @@ _DIRECT_TIMES = {"TIMESTAMP", "DATE"}
 _TEXT_KEYS = {"VARCHAR", "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT",
               "UINTEGER", "UBIGINT"}
 _MEMO_LIMIT = 200_000
+_PARAMETERS_UP_TO = 16  # rows
 
 
 def _base(dtype: str) -> str:
@@ -151,6 +152,8 @@ class RequestTransform:
             else:
                 words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", spec.time_sql or ""))
                 self.time_inputs = [f.name for f in raw_schema if f.name in words]
+        self._casts = [f"CAST(? AS {types[n]})" for n in self.time_inputs if n in types]
+        self._names = ", ".join(quote(n) for n in self.time_inputs)
         self._db = db
         self._local = threading.local()
         self._memo: dict[tuple[Any, ...], int | None] = {}
@@ -178,16 +181,23 @@ class RequestTransform:
         cursor = getattr(self._local, "cursor", None)
         if cursor is None:
             cursor = self._local.cursor = self._db.cursor()
-        schema = pa.schema([self.raw_schema.field(n) for n in self.time_inputs])
-        table = pa.Table.from_pylist([dict(zip(self.time_inputs, k, strict=True)) for k in keys],
-                                     schema=schema)
-        cursor.register("__time_input", table)
-        try:
+        expression = f"epoch_us(CAST(({self.spec.time_sql}) AS TIMESTAMP))"
+        if len(keys) <= _PARAMETERS_UP_TO:
+            # A few rows: bound parameters (about 3x cheaper than registering an Arrow table).
+            rows = ", ".join("(" + ", ".join(self._casts) + ")" for _ in keys)
             values = cursor.execute(
-                f"SELECT epoch_us(CAST(({self.spec.time_sql}) AS TIMESTAMP)) "
-                f"FROM __time_input").fetchall()
-        finally:
-            cursor.unregister("__time_input")
+                f"SELECT {expression} FROM (VALUES {rows}) AS t({self._names})",
+                [value for key in keys for value in key]).fetchall()
+        else:
+            fields = [self.raw_schema.field(n) for n in self.time_inputs]
+            table = pa.table([pa.array(list(values), type=f.type)
+                              for f, values in zip(fields, zip(*keys, strict=True), strict=True)],
+                             schema=pa.schema(fields))
+            cursor.register("__time_input", table)
+            try:
+                values = cursor.execute(f"SELECT {expression} FROM __time_input").fetchall()
+            finally:
+                cursor.unregister("__time_input")
         with self._memo_lock:
             if len(self._memo) + len(keys) > _MEMO_LIMIT:
                 self._memo.clear()
