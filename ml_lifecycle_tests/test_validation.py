@@ -334,3 +334,27 @@ def test_json_safe_values() -> None:
     assert safe(np.datetime64("2024-01-02")) == "2024-01-02T00:00:00"
     assert safe({"a": np.int32(3), "b": (np.bool_(True),)}) == {"a": 3, "b": [True]}
     assert safe(np.array([1.5, np.nan])) == [1.5, None]
+
+
+def test_the_check_loads_only_the_columns_its_suite_reads() -> None:
+    from ml_lifecycle.data.validation import columns_needed
+    from ml_lifecycle.spec import Expectation
+
+    columns = {"id": "BIGINT", "a": "DOUBLE", "b": "VARCHAR", "c": "DOUBLE"}
+
+    def suite(*expectations: dict) -> list:
+        return [(Expectation(**e), "spec") for e in expectations]
+
+    row_count = {"type": "expect_table_row_count_to_be_between", "min_value": 1}
+    assert columns_needed(suite(row_count, {"type": "expect_column_values_to_not_be_null",
+                                            "column": "b"},
+                                {"type": "expect_compound_columns_to_be_unique",
+                                 "column_list": ["id", "c"]}), columns) == ["id", "b", "c"]
+    # A row count alone still needs one column to count rows; a column that is missing from
+    # the table is not loaded (its expect_column_to_exist fails on the frame, as it should).
+    assert columns_needed(suite(row_count), columns) == ["id"]
+    assert columns_needed(suite({"type": "expect_column_to_exist", "column": "zz"}),
+                          columns) == ["id"]
+    # A table-level expectation about the columns themselves needs all of them.
+    assert columns_needed(suite({"type": "expect_table_columns_to_match_set",
+                                 "column_set": ["id"]}), columns) == list(columns)

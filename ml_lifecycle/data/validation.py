@@ -339,6 +339,28 @@ def expectations_for(
     return generated + [(e, "spec") for e in spec.expectations.get(table, [])]
 
 
+_ROW_COUNT_ONLY = {"expect_table_row_count_to_be_between", "expect_table_row_count_to_equal"}
+
+
+def columns_needed(expectations: list[tuple[Expectation, str]], columns: dict[str, str]
+                   ) -> list[str]:
+    """The table's columns the expectations read, in table order: what to load for GX.
+
+    A table-level expectation other than a row count (say, the column set) needs them all; a
+    suite of row counts only needs one column to count rows."""
+    wanted: set[str] = set()
+    for expectation, _ in expectations:
+        kwargs = expectation.kwargs
+        named = [kwargs.get("column"), kwargs.get("column_A"), kwargs.get("column_B"),
+                 *(kwargs.get("column_list") or [])]
+        named = [str(c) for c in named if c is not None]
+        if not named and expectation.type not in _ROW_COUNT_ONLY:
+            return list(columns)
+        wanted.update(named)
+    chosen = [c for c in columns if c in wanted]
+    return chosen or list(columns)[:1]
+
+
 # -- Great Expectations --------------------------------------------------------------------
 
 _LOCK = threading.RLock()
