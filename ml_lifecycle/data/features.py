@@ -1,9 +1,10 @@
-"""The feature transform: cleaned columns -> model-ready columns, as DuckDB SQL from a fitted state.
+"""The feature transform: cleaned columns -> model-ready columns, from a fitted state.
 
-The same `feature_select_sql(state, relation)` runs offline over the `cleaned` table and online
-over the rows of a request, so training and serving cannot disagree. The state (`FeatureState`)
-is fitted from the data and only ever grows: a category keeps its code forever, new ones are
-appended (up to `max_categories`), so a model trained earlier still reads newer feature tables.
+`feature_select_sql(state, relation)` builds the `features` table from the `cleaned` table (and
+scores requests when the service cannot use its compiled path, see serving/runtime.py). The
+state (`FeatureState`) is fitted from the data and only ever grows: a category keeps its code
+forever, new ones are appended (up to `max_categories`), so a model trained earlier still reads
+newer feature tables.
 
 Feature kinds:
 - numeric and boolean columns pass through (NULL = missing);
