@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = REPO_ROOT / "datasets" / "flights.yaml"
@@ -28,6 +29,28 @@ def dataset_spec_path() -> Path:
     return DEFAULT_SPEC.resolve()
 
 
+class StorageURLError(ValueError):
+    """A storage root URL this store cannot use."""
+
+
+def local_root(url: str, what: str) -> Path:
+    """A root given as a path or a `file://` URL, as a local path. Object-store URLs are refused:
+    the registry's aliases and the inference log's appends need a POSIX filesystem (local disk,
+    or NFS/EFS shared by the machines)."""
+    if "://" not in url:
+        return Path(url).expanduser().resolve()
+    scheme, _, rest = url.partition("://")
+    if scheme != "file":
+        raise StorageURLError(f"{what} {url!r}: expected a path or a file:// URL, found scheme "
+                              f"{scheme!r} (mount a shared POSIX filesystem such as NFS)")
+    return Path(unquote(rest)).resolve()
+
+
+def _root_override(variable: str, dataset: str) -> Path | None:
+    value = os.environ.get(variable)
+    return local_root(value, variable) / dataset if value else None
+
+
 @dataclass(frozen=True)
 class DatasetPaths:
     """Every path a run of one dataset writes, under `$ML_LIFECYCLE_HOME/<name>/`."""
@@ -48,11 +71,16 @@ class DatasetPaths:
 
     @property
     def registry(self) -> Path:
-        return self.root / "registry"
+        """`$ML_LIFECYCLE_REGISTRY_URL/<dataset>` when set (a path or file:// URL on a shared
+        POSIX filesystem: the registry renames atomically), else `<root>/registry`."""
+        return _root_override("ML_LIFECYCLE_REGISTRY_URL", self.root.name) or self.root / "registry"
 
     @property
     def inference(self) -> Path:
-        return self.root / "inference"
+        """`$ML_LIFECYCLE_INFERENCE_URL/<dataset>` when set (path or file:// URL), else
+        `<root>/inference`: every worker appends its own files there."""
+        return (_root_override("ML_LIFECYCLE_INFERENCE_URL", self.root.name)
+                or self.root / "inference")
 
     @property
     def reports(self) -> Path:

@@ -82,6 +82,8 @@ def production(database: str, tmp_path_factory: pytest.TempPathFactory) -> Produ
         "DAGSTER_PG_DB": database,
         "ML_LIFECYCLE_DATASET": str(spec_path),
         "ML_LIFECYCLE_HOME": str(root / "home"),
+        # The registry on its own root URL, as on a shared filesystem mounted by every machine.
+        "ML_LIFECYCLE_REGISTRY_URL": (root / "shared" / "registry").as_uri(),
     }
     base = {k: v for k, v in os.environ.items() if k not in (SCHEDULER_ENV, EXECUTOR_ENV)}
     processes = {
@@ -174,3 +176,16 @@ def test_automation_evaluates_on_the_postgres_instance(production: Production,
     result = dg.evaluate_automation_conditions(defs=changed, instance=instance,
                                                cursor=unchanged.cursor)
     assert result.get_num_requested(dg.AssetKey("model")) == 1
+
+
+def test_the_registry_lives_under_its_root_url(production: Production):
+    """The champion the training run promoted is under ML_LIFECYCLE_REGISTRY_URL/<dataset>,
+    and nothing was written to the home's default registry folder."""
+    from ml_lifecycle.training.registry import ModelRegistry
+
+    spec = load_spec(production.spec_path)
+    shared = Path(production.env["ML_LIFECYCLE_REGISTRY_URL"].removeprefix("file://")) / spec.name
+    registry = ModelRegistry(shared)
+    champion = registry.alias("champion")
+    assert champion is not None and (shared / "versions" / champion).is_dir()
+    assert not (Path(production.env["ML_LIFECYCLE_HOME"]) / spec.name / "registry").exists()

@@ -153,3 +153,19 @@ def test_load_spec_reports_bad_keys_with_the_file(tmp_path: Path) -> None:
         load_spec(path)
     assert str(path) in str(caught.value)
     assert "source.fromat: unknown key" in str(caught.value)
+
+
+def test_storage_roots_take_a_path_or_file_url_and_refuse_object_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ml_lifecycle.settings import DatasetPaths, StorageURLError
+
+    paths = DatasetPaths(tmp_path / "home" / "flights")
+    assert paths.registry == tmp_path / "home" / "flights" / "registry"
+    monkeypatch.setenv("ML_LIFECYCLE_REGISTRY_URL", (tmp_path / "shared").as_uri())
+    monkeypatch.setenv("ML_LIFECYCLE_INFERENCE_URL", str(tmp_path / "logs"))
+    assert paths.registry == tmp_path / "shared" / "flights"
+    assert paths.inference == tmp_path / "logs" / "flights"
+    monkeypatch.setenv("ML_LIFECYCLE_REGISTRY_URL", "s3://bucket/registry")
+    with pytest.raises(StorageURLError, match=r"ML_LIFECYCLE_REGISTRY_URL.*s3"):
+        _ = paths.registry
