@@ -679,6 +679,8 @@ def main() -> None:
         quiet = wait_for_quiet(args.max_load, args.wait_minutes)
         print(f"load: {quiet}", flush=True)
         results: dict[str, Any] = {
+            "command": " ".join([".venv/bin/python", "benchmarks/bench_serving.py", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "dataset": setup["dataset"],
             "machine": {
                 "cpus": os.cpu_count(),
