@@ -97,7 +97,41 @@ def compute_aggregates(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
 
 
 def _compute(conn: duckdb.DuckDBPyConnection, aggregate: Aggregate, table: str) -> pa.Table:
-    keys = ", ".join(quote(k) for k in aggregate.keys)
+    rowid, stats = _compute_arrays(conn, aggregate, table)
+    columns = {"__rowid": pa.array(rowid)}
+    for stat in aggregate.statistics:
+        values, valid = stats[stat]
+        columns[f"{aggregate.name}_{stat}"] = pa.array(values, mask=~valid)
+    return pa.table(columns)
+
+
+def aggregate_frame(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
+                    table: str = "cleaned") -> pa.Table | None:
+    """Every aggregate column for every row of `table`, in storage (rowid) order, to read with
+    a POSITIONAL JOIN: no hash table of millions of rows per aggregate. None when the table's
+    rowids are not 0..n-1 (rows deleted since it was built); use `compute_aggregates` then."""
+    count, top = conn.execute(
+        f"SELECT count(*), coalesce(max(rowid), -1) FROM {quote(table)}").fetchall()[0]
+    if top + 1 != count:
+        return None
+    columns: dict[str, pa.Array] = {}
+    for aggregate in spec.aggregates:
+        rowid, stats = _compute_arrays(conn, aggregate, table)
+        for stat in aggregate.statistics:
+            values, valid = stats[stat]
+            full = np.zeros(count, dtype=values.dtype)
+            present = np.zeros(count, dtype=bool)
+            full[rowid] = values
+            present[rowid] = valid
+            del values, valid
+            columns[f"{aggregate.name}_{stat}"] = pa.array(full, mask=~present)
+    return pa.table(columns)
+
+
+def _compute_arrays(conn: duckdb.DuckDBPyConnection, aggregate: Aggregate, table: str
+                    ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    key_list = [quote(k) for k in aggregate.keys]
+    keys = ", ".join(key_list)
     not_null = " AND ".join(
         f"{quote(k)} IS NOT NULL AND CAST({quote(k)} AS VARCHAR) <> {sql_literal(MISSING_LEVEL)}"
         for k in aggregate.keys)
@@ -106,7 +140,10 @@ def _compute(conn: duckdb.DuckDBPyConnection, aggregate: Aggregate, table: str) 
     lag_us = int(aggregate.lag.total_seconds() * 1_000_000)
     window_us = int(aggregate.window.total_seconds() * 1_000_000)
     # Keys become dense integer codes (exact, whatever their types); times become microseconds.
-    coded = (f"(SELECT t.rowid AS __rowid, c.__code, t.* FROM {quote(table)} t JOIN "
+    # Only the columns needed travel through the join.
+    needed = ", ".join(dict.fromkeys([*key_list, TIME, value, known_at]))
+    coded = (f"(SELECT t.__rowid, c.__code, t.* EXCLUDE (__rowid) FROM "
+             f"(SELECT rowid AS __rowid, {needed} FROM {quote(table)}) t JOIN "
              f"(SELECT {keys}, (row_number() OVER ())::BIGINT AS __code FROM "
              f"(SELECT DISTINCT {keys} FROM {quote(table)} WHERE {not_null})) c USING ({keys}))")
     conn.execute(f"CREATE OR REPLACE TEMP TABLE __aggregate_coded AS "
@@ -124,11 +161,7 @@ def _compute(conn: duckdb.DuckDBPyConnection, aggregate: Aggregate, table: str) 
         np.asarray(queries["__code"], dtype=np.int64), np.asarray(queries["__q"], dtype=np.int64),
         np.asarray(events["__code"], dtype=np.int64), np.asarray(events["__e"], dtype=np.int64),
         np.asarray(events["__v"], dtype=np.float64), window_us, list(aggregate.statistics))
-    columns = {"__rowid": pa.array(q_rowid)}
-    for stat in aggregate.statistics:
-        values, valid = stats[stat]
-        columns[f"{aggregate.name}_{stat}"] = pa.array(values, mask=~valid)
-    return pa.table(columns)
+    return q_rowid, stats
 
 
 def window_statistics(q_code: np.ndarray, q_at: np.ndarray, e_code: np.ndarray,

@@ -349,13 +349,24 @@ def save_state(conn: duckdb.DuckDBPyConnection, state: FeatureState) -> None:
 
 
 def build_features_sql(spec: DatasetSpec, state: FeatureState, table: str = "cleaned",
-                       aggregate_tables: dict[str, str] | None = None) -> str:
+                       aggregate_tables: dict[str, str] | None = None,
+                       positional_aggregates: str | None = None) -> str:
     """The statement that builds the features table from the cleaned table.
 
-    `aggregate_tables` maps an aggregate's name to a table already holding its values by
+    `positional_aggregates` names a relation holding every aggregate column for every row of
+    `table` in storage order (`aggregates.aggregate_frame`), read with a POSITIONAL JOIN.
+    Otherwise `aggregate_tables` maps an aggregate's name to a table holding its values by
     `__rowid` (`aggregates.compute_aggregates`); the others are computed inline in SQL.
     """
     aggregate_tables = aggregate_tables or {}
+    if positional_aggregates is not None:
+        head = [f"c.{quote(i)}" for i in spec.id_columns if i not in state.categories]
+        head += [f"c.{TIME}"] if spec.has_time else []
+        items = feature_select_sql(state, "c", {
+            name: f"p.{quote(name)}" for aggregate in spec.aggregates
+            for name in aggregate.output_columns()})
+        return (f"SELECT {', '.join([*head, f'c.{TARGET}', *items])} FROM {quote(table)} AS c "
+                f"POSITIONAL JOIN {quote(positional_aggregates)} AS p")
     ids = [f"c.{quote(i)}" for i in spec.id_columns if i not in state.categories]
     head = [*ids]
     if spec.has_time:
