@@ -252,3 +252,27 @@ def test_a_killed_training_run_leaves_registry_and_champion_untouched(tmp_path: 
     assert (registry.versions(), registry.aliases(), len(registry.audit_log())) == before
     registry.clean_staging()
     assert registry.load(registry.alias("champion")).booster().num_trees() > 0
+
+
+def test_encoder_codes_dictionary_columns_as_it_codes_their_text() -> None:
+    """Training reads ENUM columns dictionary-encoded; the codes must be those of the text:
+    known levels at their vocabulary position, unseen levels and nulls missing."""
+    import numpy as np
+    import pyarrow as pa
+
+    from ml_lifecycle.data.features import FeatureEncoder, FeatureSpec, FeatureState
+
+    state = FeatureState(dataset="d", categories={"c": ["b", "a", "z"]},
+                         features=[FeatureSpec(name="c", kind="categorical", categorical=True)])
+    rng = np.random.default_rng(3)
+    text = [None if r < 0.1 else str(v) for r, v in
+            zip(rng.random(5000), rng.choice(["a", "b", "c", "d", "z"], 5000), strict=True)]
+    encoded = pa.chunked_array([pa.array(text[:2500]).dictionary_encode(),
+                                pa.array(text[2500:]).dictionary_encode()])
+    encoder = FeatureEncoder(state)
+    from_dictionary = encoder.category_codes("c", encoded)
+    from_text = encoder.category_codes("c", pa.array(text))
+    expected = np.array([{"b": 0, "a": 1, "z": 2}.get(v, np.nan) if v else np.nan for v in text],
+                        dtype=np.float32)
+    np.testing.assert_array_equal(from_dictionary, expected)
+    np.testing.assert_array_equal(from_text, expected)

@@ -138,6 +138,10 @@ class FeatureEncoder:
 
             levels = pa.array(self.state.categories.get(name, []), type=pa.string())
             text = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values)
+            if pa.types.is_dictionary(text.type):  # an ENUM column: look up its levels only
+                chunks = text.chunks if isinstance(text, pa.ChunkedArray) else [text]
+                return np.concatenate([_dictionary_codes(c, levels) for c in chunks]
+                                      or [np.empty(0, np.float32)])
             text = text if pa.types.is_string(text.type) else text.cast(pa.string())
             found = pc.index_in(text, options=pc.SetLookupOptions(value_set=levels))
             return found.to_numpy(zero_copy_only=False).astype(np.float32)
@@ -168,6 +172,20 @@ class FeatureEncoder:
         codes = self.codes.get(name, {})
         return [v if v is not None and (v if isinstance(v, str) else str(v)) in codes else None
                 for v in values]
+
+
+def _dictionary_codes(chunk: Any, levels: Any) -> np.ndarray:
+    """Codes of a dictionary-encoded chunk: each dictionary entry's text looked up once, then
+    gathered by index (what looking up every row's text gives, without the strings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dictionary = chunk.dictionary
+    dictionary = dictionary if pa.types.is_string(dictionary.type) else dictionary.cast(pa.string())
+    lookup = pc.index_in(dictionary, options=pc.SetLookupOptions(value_set=levels))
+    table = np.append(lookup.to_numpy(zero_copy_only=False).astype(np.float32), np.nan)
+    indices = chunk.indices.fill_null(len(dictionary)).to_numpy(zero_copy_only=False)
+    return table[indices.astype(np.int64, copy=False)]
 
 
 def _floats(values: Any) -> np.ndarray:

@@ -108,8 +108,8 @@ def load_model_data(
         split_sql = "NULL"
         order = ", ".join([*[f"f.{quote(c)}" for c in spec.id_columns], "f.rowid"])
     time_item = [f"f.{TIME} AS {TIME}"] if spec.has_time else []
-    inputs = [f"CAST(f.{quote(f.name)} AS VARCHAR) AS {quote(f.name)}" if f.categorical
-              else f"f.{quote(f.name)}" for f in state.features if f.kind != "time"]
+    # Categorical columns stay ENUMs (dictionary-encoded): the encoder maps their levels once.
+    inputs = [f"f.{quote(f.name)}" for f in state.features if f.kind != "time"]
     query = (
         f"SELECT {split_sql} AS {SPLIT}, f.{TARGET} AS {TARGET}, {', '.join(time_item + extra)}"
         f"{', ' if time_item or extra else ''}{', '.join(inputs)} "
@@ -143,16 +143,22 @@ def load_model_data(
     if times is not None:
         columns[TIME] = times
     X_all = FeatureEncoder(state).matrix(columns, frame.height)
+    slice_values = {c: frame["__slice_" + c].to_numpy() for c in slice_cols}
+    del columns, frame  # the matrix holds what training needs: free the frame before the splits
     splits: dict[str, SplitData] = {}
     for name in SPLITS:
         mask = labels == name
         if spec.task == "multiclass":
             mask &= y_all >= 0  # classes unseen in training cannot be scored
+        # A time split is ordered by time, so each split is one block: a view, not a copy.
+        where = np.flatnonzero(mask)
+        block = (slice(int(where[0]), int(where[-1]) + 1)
+                 if len(where) and where[-1] - where[0] + 1 == len(where) else mask)
         splits[name] = SplitData(
-            X=X_all[mask],
-            y=y_all[mask],
-            time=times[mask] if times is not None else None,
-            slices={c: frame["__slice_" + c].to_numpy()[mask] for c in slice_cols},
+            X=X_all[block],
+            y=y_all[block],
+            time=times[block] if times is not None else None,
+            slices={c: values[block] for c, values in slice_values.items()},
         )
     for name, data in splits.items():
         if data.rows == 0:
