@@ -132,13 +132,24 @@ def training_rows() -> list[list[str]]:
         ]
     )
     scale = _load("bench_scale")
-    local, dask = _get(scale, "runs", "1x/in_process") or {}, _get(scale, "runs", "1x/dask") or {}
+    done = [k.split("/")[0] for k in (_get(scale, "runs") or {}) if k.endswith("/in_process")]
+    largest = max(done, key=lambda k: int(k.rstrip("x")), default="1x")
+    runs = _get(scale, "runs") or {}
+    local, dask = runs.get(f"{largest}/in_process") or {}, runs.get(f"{largest}/dask") or {}
+    rows_trained = (runs.get(f"{largest}/data") or {}).get("rows")
+    label = f"{rows_trained / 1e6:.1f}M rows" if isinstance(rows_trained, int) else largest
+
+    def cell(run: dict) -> str:
+        return (f"{_num(run.get('wall_s'), ' s')} / {_num(run.get('peak_rss_mb'), ' MB')}, "
+                f"AUC {_num(run.get('test_roc_auc'))}")
+
     rows.append(
         [
-            "2 training, scale-out",
-            "training run (model → champion), in process vs `lightgbm.dask`, 2 workers",
-            f"Dask {_num(dask.get('wall_s'), ' s')}, AUC {_num(dask.get('test_roc_auc'))}",
-            f"in process {_num(local.get('wall_s'), ' s')}, AUC {_num(local.get('test_roc_auc'))}",
+            f"2 training, scale-out ({label})",
+            "training run (model → champion) wall / peak RSS, in process vs `lightgbm.dask`, "
+            "2 workers, 100 rounds",
+            f"Dask {cell(dask)}",
+            f"in process {cell(local)}",
             _date(scale, "bench_scale"),
             "`make bench-scale`",
         ]
