@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from progress import ChildBar  # noqa: E402
+
 SPEC_PATH = REPO / "datasets" / "flights.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "bench_data.json"
 VARIANTS = ("pandas", "ours", "ours+checks")
@@ -591,6 +594,7 @@ def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
         peak = 0
         timed_out = False
         try:
+            bar = ChildBar(argv)
             while proc.poll() is None:
                 with contextlib.suppress(psutil.Error):
                     rss = 0
@@ -601,8 +605,10 @@ def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
                 if time.perf_counter() - started > timeout:
                     timed_out = True
                     break
+                bar.tick(peak)
                 time.sleep(SAMPLE_SECONDS)
         finally:
+            bar.close()
             if proc.poll() is None:  # timed out or interrupted: stop the child's own session
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 9)

@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from progress import ChildBar  # noqa: E402
+
 SPEC_PATH = REPO / "datasets" / "flights.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 SCALES = (1, 3, 10, 30)
@@ -210,6 +213,7 @@ def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
         )
         parent = psutil.Process(proc.pid)
         try:
+            bar = ChildBar(argv)
             while proc.poll() is None:
                 rss = 0
                 with contextlib.suppress(psutil.Error):
@@ -220,8 +224,10 @@ def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
                 if time.perf_counter() - started > timeout:
                     timed_out = True
                     break
+                bar.tick(peak)
                 time.sleep(SAMPLE_SECONDS)
         finally:
+            bar.close()
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 9)

@@ -63,6 +63,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from progress import ChildBar  # noqa: E402
+
 SPEC_PATH = REPO / "datasets" / "flights.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "bench_training.json"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "ml-lifecycle-bench-training"
@@ -589,6 +592,7 @@ def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
         peak = 0
         timed_out = False
         try:
+            bar = ChildBar(argv)
             while proc.poll() is None:
                 try:
                     rss = 0
@@ -601,8 +605,10 @@ def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
                 if time.perf_counter() - started > timeout:
                     timed_out = True
                     break
+                bar.tick(peak)
                 time.sleep(SAMPLE_SECONDS)
         finally:  # timeout, Ctrl-C or SIGTERM: end the child's own session (only what we started)
+            bar.close()
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 9)
