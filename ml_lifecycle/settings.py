@@ -36,19 +36,19 @@ class StorageURLError(ValueError):
 def local_root(url: str, what: str) -> Path:
     """A root given as a path or a `file://` URL, as a local path. Object-store URLs are refused:
     the registry's aliases and the inference log's appends need a POSIX filesystem (local disk,
-    or NFS/EFS shared by the machines)."""
+    or NFS/EFS shared by the machines). `what` names the setting in the error."""
     if "://" not in url:
-        return Path(url).expanduser().resolve()
+        return Path(url)
     scheme, _, rest = url.partition("://")
     if scheme != "file":
-        raise StorageURLError(f"{what} {url!r}: expected a path or a file:// URL, found scheme "
-                              f"{scheme!r} (mount a shared POSIX filesystem such as NFS)")
-    return Path(unquote(rest)).resolve()
+        raise StorageURLError(f"{what} {url!r}: expected a local path or a file:// URL, found "
+                              f"scheme {scheme!r} (use a shared POSIX filesystem such as NFS)")
+    return Path(unquote(rest))
 
 
 def _root_override(variable: str, dataset: str) -> Path | None:
     value = os.environ.get(variable)
-    return local_root(value, variable) / dataset if value else None
+    return local_root(value, variable).expanduser().resolve() / dataset if value else None
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 from ml_lifecycle.data.features import FeatureState
+from ml_lifecycle.settings import StorageURLError, local_root
 
 if TYPE_CHECKING:
     import lightgbm as lgb
@@ -71,17 +71,12 @@ def _now() -> str:
 
 
 def _local_root(root: Path | str) -> Path:
-    """A registry root as a local path: a path, or a `file://` URL. Aliases are atomic renames and
-    writers take an flock, so the root must be a POSIX filesystem (local disk, or shared NFS/EFS);
-    object-store URLs are refused rather than half supported."""
-    text = str(root)
-    if "://" not in text:
-        return Path(text)
-    scheme, _, rest = text.partition("://")
-    if scheme != "file":
-        raise RegistryError(f"model registry root {text!r}: expected a local path or a file:// "
-                            f"URL, found scheme {scheme!r} (use a shared POSIX filesystem such as NFS)")
-    return Path(unquote(rest))
+    """A registry root as a local path (`settings.local_root`): aliases are atomic renames and
+    writers take an flock, so object-store URLs are refused rather than half supported."""
+    try:
+        return local_root(str(root), "model registry root")
+    except StorageURLError as error:
+        raise RegistryError(str(error)) from None
 
 
 class ModelRegistry:
