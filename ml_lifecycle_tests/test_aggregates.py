@@ -11,7 +11,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from ml_lifecycle.data.aggregates import aggregate_frame, compute_aggregates
+from ml_lifecycle.data.aggregates import aggregate_frame
 from ml_lifecycle.data.cleaning import clean
 from ml_lifecycle.data.features import build_features_sql, fit_feature_state
 from ml_lifecycle.data.ingestion import ingest_files
@@ -28,11 +28,11 @@ def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     connection.close()
 
 
-@pytest.fixture(params=["arrays", "tables", "sql"])
+@pytest.fixture(params=["arrays", "sql"])
 def implementation(request: pytest.FixtureRequest) -> str:
     """Every behaviour test runs against both implementations of the one definition: the
-    array one the pipeline runs (`aggregate_frame`, read by position; `compute_aggregates`, read
-    by row id) and the SQL reference (`aggregate_sql`)."""
+    array one the pipeline runs (`aggregate_frame`, read by position) and the SQL reference
+    (`aggregate_sql`)."""
     return request.param
 
 
@@ -60,8 +60,7 @@ def aggregates_of(
         conn.register("__aggregates", aligned)
         sql = build_features_sql(spec, state, positional_aggregates="__aggregates")
     else:
-        tables = compute_aggregates(conn, spec) if implementation == "tables" else None
-        sql = build_features_sql(spec, state, aggregate_tables=tables)
+        sql = build_features_sql(spec, state)
     relation = conn.sql(sql)
     names = [c for a in spec.aggregates for c in a.output_columns()]
     rows = relation.select(", ".join(["sale_id", *names])).fetchall()
@@ -169,17 +168,8 @@ def test_array_implementation_equals_the_sql_definition_on_random_histories(
          "window": "1d", "lag": "0m", "statistics": statistics},
     ]
     arrays = aggregates_of(conn, tmp_path, "".join(lines), aggregates, "arrays")
-    tables = aggregates_of(conn, tmp_path, "".join(lines), aggregates, "tables")
     sql = aggregates_of(conn, tmp_path, "".join(lines), aggregates, "sql")
     assert arrays.keys() == sql.keys() and len(arrays) == 1500
-    # By position or by row id: the same rows get the same values (up to the summation order:
-    # each call cleans again, and rows tied in time may come out in another order).
-    assert tables.keys() == arrays.keys()
-    for sale, row in arrays.items():
-        for column, value in row.items():
-            other = tables[sale][column]
-            assert (other is None) == (value is None), (sale, column)
-            assert value is None or other == pytest.approx(value, rel=1e-12, abs=1e-9)
     compared = 0
     for sale, expected in sql.items():
         for column, value in expected.items():

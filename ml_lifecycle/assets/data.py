@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 
 from ml_lifecycle.assets.catalog import table_metadata
-from ml_lifecycle.data.aggregates import aggregate_frame, compute_aggregates
+from ml_lifecycle.data.aggregates import aggregate_frame
 from ml_lifecycle.data.cleaning import clean, load_roles
 from ml_lifecycle.data.features import (
     build_features_sql,
@@ -160,22 +160,16 @@ def build_data_assets(spec: DatasetSpec) -> list[dg.AssetsDefinition]:
             previous = load_state(conn)
             state = fit_feature_state(conn, spec, plan_roles, previous=previous)
             # Aggregates come back as arrays aligned with `cleaned`'s rows (a positional join);
-            # by row id when that is not possible (rows deleted from `cleaned` since).
+            # by their SQL definition when that is not possible (rows deleted from `cleaned`).
             aligned = aggregate_frame(conn, spec) if spec.aggregates else None
             if aligned is not None:
                 conn.register("__aggregates", aligned)
-                try:
-                    conn.execute("CREATE OR REPLACE TABLE features AS " + build_features_sql(
-                        spec, state, positional_aggregates="__aggregates"))
-                finally:
+            try:
+                conn.execute("CREATE OR REPLACE TABLE features AS " + build_features_sql(
+                    spec, state, positional_aggregates="__aggregates" if aligned is not None else None))
+            finally:
+                if aligned is not None:
                     conn.unregister("__aggregates")
-                del aligned
-            else:
-                aggregate_tables = compute_aggregates(conn, spec)
-                conn.execute("CREATE OR REPLACE TABLE features AS "
-                             f"{build_features_sql(spec, state, aggregate_tables=aggregate_tables)}")
-                for table in aggregate_tables.values():
-                    conn.execute(f"DROP TABLE IF EXISTS {quote(table)}")
             save_state(conn, state)
             lineage = {f.name: [("cleaned", s) for s in f.source] for f in state.features}
             for column in [*spec.id_columns, TIME, TARGET]:

@@ -8,8 +8,9 @@ Two implementations of that one definition:
 - `aggregate_sql` is the definition written as DuckDB SQL: query points (t - lag) and events
   (known_at) are merged into one stream per key and a RANGE window sums what came before. It
   is short and obviously right, and the tests use it as the reference; DuckDB's RANGE frames
-  grow worse than linearly on long partitions, so the pipeline does not run it.
-- `compute_aggregates` is what the pipeline runs: the rows come out of DuckDB as arrays,
+  grow worse than linearly on long partitions, so the pipeline runs it only when the rows
+  cannot be aligned (see `aggregate_frame`).
+- `aggregate_frame` is what the pipeline runs: the rows come out of DuckDB as arrays,
   events are sorted once per aggregate by (key, known_at), each row finds its window's first
   and last event with two binary searches, and count/sum/mean/std are differences of running
   totals (centred on the key's mean, so the variance does not lose precision) while min/max
@@ -74,42 +75,11 @@ def aggregate_sql(aggregate: Aggregate, table: str) -> str:
     """
 
 
-def aggregate_table_name(aggregate: Aggregate) -> str:
-    return f"_aggregate_{aggregate.name}"
-
-
-def compute_aggregates(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
-                       table: str = "cleaned") -> dict[str, str]:
-    """Compute every aggregate of the spec over `table` into a TEMP table per aggregate
-    (`__rowid` + its columns); returns {aggregate name: table name} for `build_features_sql`."""
-    names: dict[str, str] = {}
-    for aggregate in spec.aggregates:
-        name = aggregate_table_name(aggregate)
-        result = _compute(conn, aggregate, table)
-        conn.register("__aggregate_result", result)
-        try:
-            conn.execute(f"CREATE OR REPLACE TEMP TABLE {quote(name)} AS "
-                         "SELECT * FROM __aggregate_result")
-        finally:
-            conn.unregister("__aggregate_result")
-        names[aggregate.name] = name
-    return names
-
-
-def _compute(conn: duckdb.DuckDBPyConnection, aggregate: Aggregate, table: str) -> pa.Table:
-    rowid, stats = _compute_arrays(conn, aggregate, table)
-    columns = {"__rowid": pa.array(rowid)}
-    for stat in aggregate.statistics:
-        values, valid = stats[stat]
-        columns[f"{aggregate.name}_{stat}"] = pa.array(values, mask=~valid)
-    return pa.table(columns)
-
-
 def aggregate_frame(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
                     table: str = "cleaned") -> pa.Table | None:
     """Every aggregate column for every row of `table`, in storage (rowid) order, to read with
     a POSITIONAL JOIN: no hash table of millions of rows per aggregate. None when the table's
-    rowids are not 0..n-1 (rows deleted since it was built); use `compute_aggregates` then."""
+    rowids are not 0..n-1 (rows deleted since it was built); `aggregate_sql` serves then."""
     count, top = conn.execute(
         f"SELECT count(*), coalesce(max(rowid), -1) FROM {quote(table)}").fetchall()[0]
     if top + 1 != count:

@@ -367,42 +367,30 @@ def save_state(conn: duckdb.DuckDBPyConnection, state: FeatureState) -> None:
 
 
 def build_features_sql(spec: DatasetSpec, state: FeatureState, table: str = "cleaned",
-                       aggregate_tables: dict[str, str] | None = None,
                        positional_aggregates: str | None = None) -> str:
     """The statement that builds the features table from the cleaned table.
 
     `positional_aggregates` names a relation holding every aggregate column for every row of
-    `table` in storage order (`aggregates.aggregate_frame`), read with a POSITIONAL JOIN.
-    Otherwise `aggregate_tables` maps an aggregate's name to a table holding its values by
-    `__rowid` (`aggregates.compute_aggregates`); the others are computed inline in SQL.
+    `table` in storage order (`aggregates.aggregate_frame`), read with a POSITIONAL JOIN;
+    without it the aggregates are computed inline by their SQL definition (`aggregate_sql`).
     """
-    aggregate_tables = aggregate_tables or {}
-    if positional_aggregates is not None:
-        head = [f"c.{quote(i)}" for i in spec.id_columns if i not in state.categories]
-        head += [f"c.{TIME}"] if spec.has_time else []
-        items = feature_select_sql(state, "c", {
-            name: f"p.{quote(name)}" for aggregate in spec.aggregates
-            for name in aggregate.output_columns()})
-        return (f"SELECT {', '.join([*head, f'c.{TARGET}', *items])} FROM {quote(table)} AS c "
-                f"POSITIONAL JOIN {quote(positional_aggregates)} AS p")
-    ids = [f"c.{quote(i)}" for i in spec.id_columns if i not in state.categories]
-    head = [*ids]
-    if spec.has_time:
-        head.append(f"c.{TIME}")
+    head = [f"c.{quote(i)}" for i in spec.id_columns if i not in state.categories]
+    head += [f"c.{TIME}"] if spec.has_time else []
     head.append(f"c.{TARGET}")
-    ctes = []
-    joins = []
-    for index, aggregate in enumerate(spec.aggregates):
-        alias = f"a{index}"
-        source = (f"SELECT * FROM {quote(aggregate_tables[aggregate.name])}"
-                  if aggregate.name in aggregate_tables else aggregate_sql(aggregate, table))
-        ctes.append(f"{alias} AS ({source})")
-        joins.append(f"LEFT JOIN {alias} ON {alias}.__rowid = c.rowid")
-    items = feature_select_sql(state, "c", {
-        name: f"a{index}.{quote(name)}"
-        for index, aggregate in enumerate(spec.aggregates)
-        for name in aggregate.output_columns()
-    })
+    sources: dict[str, str] = {}
+    ctes: list[str] = []
+    joins: list[str] = []
+    if positional_aggregates is not None:
+        joins.append(f"POSITIONAL JOIN {quote(positional_aggregates)} AS p")
+        sources = {name: f"p.{quote(name)}" for aggregate in spec.aggregates
+                   for name in aggregate.output_columns()}
+    else:
+        for index, aggregate in enumerate(spec.aggregates):
+            ctes.append(f"a{index} AS ({aggregate_sql(aggregate, table)})")
+            joins.append(f"LEFT JOIN a{index} ON a{index}.__rowid = c.rowid")
+            sources.update({name: f"a{index}.{quote(name)}"
+                            for name in aggregate.output_columns()})
+    items = feature_select_sql(state, "c", sources)
     with_clause = f"WITH {', '.join(ctes)} " if ctes else ""
     # No ORDER BY: `cleaned` is stored in time order and the joins keep it roughly so, while
     # sorting the wide result cost 4x the rest of the statement at 3.4M rows; readers that need
