@@ -35,7 +35,8 @@ class Drift:
 
     @classmethod
     def parse(cls, items: list[str]) -> Drift:
-        """CLI form: shift:distance=500 scale:distance=1.5 new:dest=0.2 nulls:tailnum=0.3"""
+        """CLI form: shift:<column>=<amount> scale:<column>=<factor> new:<column>=<share>
+        nulls:<column>=<share> (e.g. shift:x=500 new:c=0.2), column names from the spec."""
         drift = cls()
         for item in items:
             kind, _, rest = item.partition(":")
