@@ -24,13 +24,11 @@ Results: a table on stdout and benchmarks/results/bench_data.json (see benchmark
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,13 +36,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from progress import ChildBar  # noqa: E402
+import harness  # noqa: E402
 
 SPEC_PATH = REPO / "datasets" / "flights.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "bench_data.json"
 VARIANTS = ("pandas", "ours", "ours+checks")
 SCALES = (1, 10)
-SAMPLE_SECONDS = 0.05
 GOAL_SPEEDUP = 5.0
 GOAL_PEAK_MB = 2048.0
 GOAL_GROWTH = 10.0  # time growth 1x -> 10x; 10 is linear
@@ -576,56 +573,8 @@ def fresh_home(workdir: Path, landing: Path, name: str) -> Path:
 
 
 def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
-    """Run one child process; sample its process tree's RSS every 50 ms."""
-    import psutil
-
-    out.unlink(missing_ok=True)
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    with log.open("w") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *argv, "--out", str(out)],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            start_new_session=True,
-        )
-        parent = psutil.Process(proc.pid)
-        peak = 0
-        timed_out = False
-        try:
-            bar = ChildBar(argv)
-            while proc.poll() is None:
-                with contextlib.suppress(psutil.Error):
-                    rss = 0
-                    for p in [parent, *parent.children(recursive=True)]:
-                        with contextlib.suppress(psutil.Error):
-                            rss += p.memory_info().rss
-                    peak = max(peak, rss)
-                if time.perf_counter() - started > timeout:
-                    timed_out = True
-                    break
-                bar.tick(peak)
-                time.sleep(SAMPLE_SECONDS)
-        finally:
-            bar.close()
-            if proc.poll() is None:  # timed out or interrupted: stop the child's own session
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-                proc.wait()
-    process_s = time.perf_counter() - started
-    result: dict = {"success": False}
-    if out.exists():
-        result = json.loads(out.read_text())
-    elif timed_out:
-        result["error"] = f"timed out after {timeout:.0f} s"
-    else:
-        tail = log.read_text().splitlines()[-15:]
-        result["error"] = f"exit code {proc.returncode}; log {log}:\n" + "\n".join(tail)
-    result["process_s"] = process_s
-    result["peak_rss_mb"] = peak / 2**20
-    result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    return result
+    """One measured child of this script (`harness.run_child`)."""
+    return harness.run_child(Path(__file__).resolve(), argv, log, out, timeout)
 
 
 def _fmt(value, spec: str = ",.0f", missing: str = "-") -> str:

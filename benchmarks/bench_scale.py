@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,13 +42,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from progress import ChildBar  # noqa: E402
+import harness  # noqa: E402
 
 SPEC_PATH = REPO / "datasets" / "flights.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 SCALES = (1, 3, 10, 30)
 BACKENDS = ("in_process", "dask")
-SAMPLE_SECONDS = 0.05
 BASE_ROWS = 336_776
 
 
@@ -195,55 +193,8 @@ def fresh_home(
 
 
 def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
-    """One child process; its process tree's RSS sampled every 50 ms."""
-    import psutil
-
-    out.unlink(missing_ok=True)
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    peak = 0
-    timed_out = False
-    with log.open("w") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *argv, "--out", str(out)],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            start_new_session=True,
-        )
-        parent = psutil.Process(proc.pid)
-        try:
-            bar = ChildBar(argv)
-            while proc.poll() is None:
-                rss = 0
-                with contextlib.suppress(psutil.Error):
-                    for p in [parent, *parent.children(recursive=True)]:
-                        with contextlib.suppress(psutil.Error):
-                            rss += p.memory_info().rss
-                peak = max(peak, rss)
-                if time.perf_counter() - started > timeout:
-                    timed_out = True
-                    break
-                bar.tick(peak)
-                time.sleep(SAMPLE_SECONDS)
-        finally:
-            bar.close()
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-                proc.wait()
-    result: dict = json.loads(out.read_text()) if out.exists() else {"success": False}
-    if not out.exists():
-        tail = "\n".join(log.read_text().splitlines()[-12:])
-        result["error"] = (
-            f"timed out after {timeout:.0f} s"
-            if timed_out
-            else f"exit code {proc.returncode}; log {log}:\n{tail}"
-        )
-    result["process_s"] = time.perf_counter() - started
-    result["peak_rss_mb"] = peak / 2**20
-    result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    return result
+    """One measured child of this script (`harness.run_child`)."""
+    return harness.run_child(Path(__file__).resolve(), argv, log, out, timeout)
 
 
 def _fmt(value, spec: str = ",.1f") -> str:

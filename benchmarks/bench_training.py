@@ -51,7 +51,6 @@ Results: a table on stdout and benchmarks/results/bench_training.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -64,7 +63,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from progress import ChildBar  # noqa: E402
+import harness  # noqa: E402
 
 SPEC_PATH = REPO / "datasets" / "flights.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "bench_training.json"
@@ -76,7 +75,6 @@ LABELS = {
     "sklearn": "pandas + scikit-learn",
 }
 SCALES = (1, 10)
-SAMPLE_SECONDS = 0.05
 GOAL_OVERHEAD = 0.15
 TRAINING_ASSETS = ("model", "evaluation_report", "champion")
 # Columns of the features table that are not features (ids, time, target): what a user drops.
@@ -574,57 +572,8 @@ def child_main(args: argparse.Namespace) -> None:
 # The orchestrator.
 # ---------------------------------------------------------------------------------------------
 def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
-    """Run one child process in its own session; sample its process tree's RSS every 50 ms."""
-    import psutil
-
-    out.unlink(missing_ok=True)
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    with log.open("w") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *argv, "--out", str(out)],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            start_new_session=True,
-        )
-        parent = psutil.Process(proc.pid)
-        peak = 0
-        timed_out = False
-        try:
-            bar = ChildBar(argv)
-            while proc.poll() is None:
-                try:
-                    rss = 0
-                    for p in [parent, *parent.children(recursive=True)]:
-                        with contextlib.suppress(psutil.Error):
-                            rss += p.memory_info().rss
-                    peak = max(peak, rss)
-                except psutil.Error:
-                    pass
-                if time.perf_counter() - started > timeout:
-                    timed_out = True
-                    break
-                bar.tick(peak)
-                time.sleep(SAMPLE_SECONDS)
-        finally:  # timeout, Ctrl-C or SIGTERM: end the child's own session (only what we started)
-            bar.close()
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-                proc.wait()
-    result: dict = {"success": False}
-    if out.exists():
-        result = json.loads(out.read_text())
-    elif timed_out:
-        result["error"] = f"timed out after {timeout:.0f} s"
-    else:
-        tail = log.read_text().splitlines()[-15:]
-        result["error"] = f"exit code {proc.returncode}; log {log}:\n" + "\n".join(tail)
-    result["process_s"] = time.perf_counter() - started
-    result["peak_rss_mb"] = peak / 2**20
-    result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    return result
+    """One measured child of this script (`harness.run_child`)."""
+    return harness.run_child(Path(__file__).resolve(), argv, log, out, timeout)
 
 
 def other_benchmarks() -> list[str]:
