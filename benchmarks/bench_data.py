@@ -542,33 +542,14 @@ def say(message: str) -> None:
 
 
 def prepare_landing(workdir: Path, scale: int) -> Path:
-    """Landing files for `scale` in workdir/landing_<scale>/ (written once; not timed)."""
-    sys.path.insert(0, str(REPO))
-    from ml_lifecycle.data.landing import land
-    from ml_lifecycle.spec import load_spec
-
-    landing = workdir / f"landing_{scale}"
-    started = time.perf_counter()
-    written = land(load_spec(SPEC_PATH), scale=scale, landing=landing)
-    say(
-        f"landing files for {scale}x: {len(written)} written, "
-        f"{sum(1 for _ in landing.rglob('*.*'))} present ({time.perf_counter() - started:.1f} s,"
-        " not timed)"
-    )
-    return landing
+    return harness.prepare_landing(workdir, scale, SPEC_PATH, say)
 
 
 def fresh_home(workdir: Path, landing: Path, name: str) -> Path:
     """A new ML_LIFECYCLE_HOME whose landing folder hard-links the prepared files."""
     home = workdir / "homes" / name
     shutil.rmtree(home, ignore_errors=True)
-    target = home / "flights" / "landing"
-    target.parent.mkdir(parents=True)
-    try:
-        shutil.copytree(landing, target, copy_function=os.link)
-    except OSError:
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(landing, target)
+    harness.link_landing(landing, home / "flights" / "landing")
     return home
 
 

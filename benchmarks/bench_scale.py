@@ -29,7 +29,6 @@ Results: a table on stdout, benchmarks/results/bench_scale.json and bench_scale.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -160,18 +159,7 @@ def child_main(args: argparse.Namespace) -> None:
 # The orchestrator.
 # ---------------------------------------------------------------------------------------------
 def prepare_landing(workdir: Path, scale: int) -> Path:
-    sys.path.insert(0, str(REPO))
-    from ml_lifecycle.data.landing import land
-    from ml_lifecycle.spec import load_spec
-
-    landing = workdir / f"landing_{scale}"
-    started = time.perf_counter()
-    written = land(load_spec(SPEC_PATH), scale=scale, landing=landing)
-    say(
-        f"landing {scale}x: {len(written)} files written ({time.perf_counter() - started:.0f} s,"
-        " not timed)"
-    )
-    return landing
+    return harness.prepare_landing(workdir, scale, SPEC_PATH, say)
 
 
 def fresh_home(
@@ -182,10 +170,7 @@ def fresh_home(
     root = home / "flights"
     root.mkdir(parents=True)
     if landing is not None:
-        with contextlib.suppress(OSError):
-            shutil.copytree(landing, root / "landing", copy_function=os.link)
-        if not (root / "landing").exists():
-            shutil.copytree(landing, root / "landing")
+        harness.link_landing(landing, root / "landing")
     if warehouse_from is not None:
         shutil.copy2(warehouse_from / "flights" / "warehouse.duckdb", root / "warehouse.duckdb")
         (root / "landing").mkdir(exist_ok=True)  # present: the generator is left alone

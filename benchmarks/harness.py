@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,3 +93,30 @@ def run_child(script: Path, argv: list[str], log: Path, out: Path, timeout: floa
     result["peak_rss_mb"] = peak / 2**20
     result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result
+
+
+def prepare_landing(workdir: Path, scale: int, spec_path: Path, say) -> Path:
+    """Landing files for `scale` in workdir/landing_<scale>/ (written once; not timed)."""
+    sys.path.insert(0, str(REPO))
+    from ml_lifecycle.data.landing import land
+    from ml_lifecycle.spec import load_spec
+
+    landing = workdir / f"landing_{scale}"
+    started = time.perf_counter()
+    written = land(load_spec(spec_path), scale=scale, landing=landing)
+    say(
+        f"landing files for {scale}x: {len(written)} written, "
+        f"{sum(1 for _ in landing.rglob('*.*'))} present ({time.perf_counter() - started:.1f} s,"
+        " not timed)"
+    )
+    return landing
+
+
+def link_landing(landing: Path, target: Path) -> None:
+    """`target` becomes a copy of the landing folder, hard-linked when the filesystem allows."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(landing, target, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(landing, target)
