@@ -237,18 +237,23 @@ def materialize_job_from_ui(
     return _materialize_all(page, base_url, f"job {job}", timeout_ms)
 
 
+def graphql(base_url: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+    """The `data` of one query to the webserver's GraphQL API."""
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    request = urllib.request.Request(
+        f"{base_url}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())["data"]
+
+
 def run_info(base_url: str, run_id: str) -> dict[str, Any]:
     """The run's job name, status and tags, from the webserver's GraphQL API."""
     query = (
         "query($id: ID!) { runOrError(runId: $id) { ... on Run { jobName status "
         "tags { key value } } } }"
     )
-    body = json.dumps({"query": query, "variables": {"id": run_id}}).encode()
-    request = urllib.request.Request(
-        f"{base_url}/graphql", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        run = json.loads(answer.read())["data"]["runOrError"]
+    run = graphql(base_url, query, {"id": run_id})["runOrError"]
     run["tags"] = {tag["key"]: tag["value"] for tag in run.get("tags", [])}
     return run
 
@@ -259,12 +264,7 @@ def recent_runs(base_url: str, limit: int = 50) -> list[dict[str, Any]]:
         "query($limit: Int) { runsOrError(limit: $limit) { ... on Runs { results { runId "
         "jobName status tags { key value } } } } }"
     )
-    body = json.dumps({"query": query, "variables": {"limit": limit}}).encode()
-    request = urllib.request.Request(
-        f"{base_url}/graphql", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        runs = json.loads(answer.read())["data"]["runsOrError"]["results"]
+    runs = graphql(base_url, query, {"limit": limit})["runsOrError"]["results"]
     for run in runs:
         run["tags"] = {tag["key"]: tag["value"] for tag in run.get("tags", [])}
     return runs
