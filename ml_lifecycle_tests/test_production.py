@@ -86,6 +86,11 @@ def production(database: str, tmp_path_factory: pytest.TempPathFactory) -> Produ
         "ML_LIFECYCLE_REGISTRY_URL": (root / "shared" / "registry").as_uri(),
     }
     base = {k: v for k, v in os.environ.items() if k not in (SCHEDULER_ENV, EXECUTOR_ENV)}
+    # Create the instance's tables once, as a deployment does before starting its processes:
+    # two processes creating them at the same moment on an empty database race
+    # (DuplicateObject "run_tags").
+    subprocess.run([str(DAGSTER), "instance", "migrate"], env={**base, **env}, cwd=root,
+                   check=True, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     processes = {
         job: subprocess.Popen(
             [str(DAGSTER), "job", "execute", "-m", "ml_lifecycle.definitions", "-j", job],
