@@ -50,9 +50,17 @@ def _struct(columns: dict[str, Any]):
     return pl.DataFrame([_series(name, values) for name, values in columns.items()]).to_struct()
 
 
-def _ndjson(request_ids: list[str], now: str, model_version: str, predictions: list[Any],
-            event_times: list[Any], ids: dict[str, list[Any]], features: dict[str, list[Any]],
-            shadow_version: str | None, shadow: dict[str, list[Any]]) -> bytes:
+def _ndjson(
+    request_ids: list[str],
+    now: str,
+    model_version: str,
+    predictions: list[Any],
+    event_times: list[Any],
+    ids: dict[str, list[Any]],
+    features: dict[str, list[Any]],
+    shadow_version: str | None,
+    shadow: dict[str, list[Any]],
+) -> bytes:
     import polars as pl
 
     count = len(request_ids)
@@ -102,8 +110,11 @@ class JsonLinesWriter:
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        self.write_bytes("".join(json.dumps(r, default=_default, separators=(",", ":")) + "\n"
-                                 for r in records).encode())
+        self.write_bytes(
+            "".join(
+                json.dumps(r, default=_default, separators=(",", ":")) + "\n" for r in records
+            ).encode()
+        )
 
     def write_bytes(self, payload: bytes) -> None:
         """Whole lines in one O_APPEND write (a killed worker leaves no torn line)."""
@@ -131,10 +142,16 @@ class InferenceLog:
     def now() -> str:
         return datetime.now(UTC).isoformat(timespec="microseconds")
 
-    def write_predictions(self, request_ids: list[str], model_version: str,
-                          predictions: list[Any], event_times: list[Any],
-                          ids: dict[str, list[Any]], features: dict[str, list[Any]],
-                          shadow: dict[str, Any] | None = None) -> None:
+    def write_predictions(
+        self,
+        request_ids: list[str],
+        model_version: str,
+        predictions: list[Any],
+        event_times: list[Any],
+        ids: dict[str, list[Any]],
+        features: dict[str, list[Any]],
+        shadow: dict[str, Any] | None = None,
+    ) -> None:
         """One line per prediction, from columns of JSON-ready values, in one append.
 
         Lines: {request_id, logged_at, event_time, model_version, ids: {...}, features: {...},
@@ -145,21 +162,40 @@ class InferenceLog:
         shadow_columns = {}
         if shadow is not None:
             shadow_columns = {_singular(k): v for k, v in shadow.items() if k != "model_version"}
-        if (count >= _POLARS_FROM and ids and features
-                and not any(isinstance(v, dict) for v in shadow_columns.values())):
-            self.predictions.write_bytes(_ndjson(
-                request_ids, now, model_version, predictions, event_times, ids, features,
-                shadow["model_version"] if shadow is not None else None, shadow_columns))
+        if (
+            count >= _POLARS_FROM
+            and ids
+            and features
+            and not any(isinstance(v, dict) for v in shadow_columns.values())
+        ):
+            self.predictions.write_bytes(
+                _ndjson(
+                    request_ids,
+                    now,
+                    model_version,
+                    predictions,
+                    event_times,
+                    ids,
+                    features,
+                    shadow["model_version"] if shadow is not None else None,
+                    shadow_columns,
+                )
+            )
             return
         id_rows = _rows(ids, count)
         feature_rows = _rows(features, count)
         shadow_rows = _rows(shadow_columns, count) if shadow is not None else None
         lines = []
         for index in range(count):
-            line = {"request_id": request_ids[index], "logged_at": now,
-                    "event_time": event_times[index], "model_version": model_version,
-                    "ids": id_rows[index], "features": feature_rows[index],
-                    "prediction": predictions[index]}
+            line = {
+                "request_id": request_ids[index],
+                "logged_at": now,
+                "event_time": event_times[index],
+                "model_version": model_version,
+                "ids": id_rows[index],
+                "features": feature_rows[index],
+                "prediction": predictions[index],
+            }
             if shadow_rows is not None:
                 assert shadow is not None
                 line["shadow"] = {"model_version": shadow["model_version"], **shadow_rows[index]}
@@ -180,5 +216,7 @@ def read_predictions(directory: Path, conn: duckdb.DuckDBPyConnection | None = N
     # sample_size=-1: the schema is read from every line. With DuckDB's default sample (20,480
     # lines) a key first seen later (`shadow`, a feature that was always null so far) is
     # silently dropped, or read as NULL.
-    return conn.sql(f"SELECT * FROM read_json('{Path(directory)}/predictions-*.jsonl', "
-                    "format='newline_delimited', union_by_name=true, sample_size=-1)")
+    return conn.sql(
+        f"SELECT * FROM read_json('{Path(directory)}/predictions-*.jsonl', "
+        "format='newline_delimited', union_by_name=true, sample_size=-1)"
+    )

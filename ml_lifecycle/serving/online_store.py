@@ -28,8 +28,10 @@ def _micros(times: Any) -> np.ndarray:
 
 
 def valid_key(key: Key) -> bool:
-    return all(k is not None and k != MISSING_LEVEL and not (isinstance(k, float) and math.isnan(k))
-               for k in key)
+    return all(
+        k is not None and k != MISSING_LEVEL and not (isinstance(k, float) and math.isnan(k))
+        for k in key
+    )
 
 
 def statistics(values: np.ndarray, wanted: Sequence[str]) -> dict[str, float | int | None]:
@@ -55,29 +57,41 @@ def statistics(values: np.ndarray, wanted: Sequence[str]) -> dict[str, float | i
 
 
 class OnlineStore(Protocol):
-    def add(self, aggregate: Aggregate, keys: Sequence[Key], known_at: Any,
-            values: Sequence[float]) -> int: ...
+    def add(
+        self, aggregate: Aggregate, keys: Sequence[Key], known_at: Any, values: Sequence[float]
+    ) -> int: ...
 
-    def query(self, aggregate: Aggregate, keys: Sequence[Key], times: Any
-              ) -> list[dict[str, float | int | None]]: ...
+    def query(
+        self, aggregate: Aggregate, keys: Sequence[Key], times: Any
+    ) -> list[dict[str, float | int | None]]: ...
 
 
-def columns_of(aggregate: Aggregate, rows: list[dict[str, float | int | None]]
-               ) -> dict[str, np.ndarray]:
+def columns_of(
+    aggregate: Aggregate, rows: list[dict[str, float | int | None]]
+) -> dict[str, np.ndarray]:
     """Per-row statistics as one float64 column per statistic (None -> NaN)."""
-    return {stat: np.array([np.nan if r[stat] is None else r[stat] for r in rows],
-                           dtype=np.float64) for stat in aggregate.statistics}
+    return {
+        stat: np.array([np.nan if r[stat] is None else r[stat] for r in rows], dtype=np.float64)
+        for stat in aggregate.statistics
+    }
 
 
-def rows_of(aggregate: Aggregate, columns: dict[str, np.ndarray]
-            ) -> list[dict[str, float | int | None]]:
-    lists = {stat: [None if v != v else (int(v) if stat == "count" else float(v))
-                    for v in columns[stat].tolist()] for stat in aggregate.statistics}
+def rows_of(
+    aggregate: Aggregate, columns: dict[str, np.ndarray]
+) -> list[dict[str, float | int | None]]:
+    lists = {
+        stat: [
+            None if v != v else (int(v) if stat == "count" else float(v))
+            for v in columns[stat].tolist()
+        ]
+        for stat in aggregate.statistics
+    }
     return [dict(zip(lists, values, strict=True)) for values in zip(*lists.values(), strict=True)]
 
 
-def window_statistics(padded: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                      wanted: Sequence[str]) -> dict[str, np.ndarray]:
+def window_statistics(
+    padded: np.ndarray, starts: np.ndarray, ends: np.ndarray, wanted: Sequence[str]
+) -> dict[str, np.ndarray]:
     """`statistics` of values[start:end] for many windows at once (float64, NaN = NULL);
     `padded` is the values plus one trailing element (`reduceat` needs every index < len).
 
@@ -115,9 +129,12 @@ def window_statistics(padded: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                 ufunc = np.minimum if stat == "min" else np.maximum
                 out[stat] = np.where(empty, np.nan, ufunc.reduceat(span, bounds)[0::2])
             elif stat == "std":
-                out[stat] = np.array([
-                    np.nan if e - s < 2 else float(values[s:e].std(ddof=1))
-                    for s, e in zip(starts.tolist(), ends.tolist(), strict=True)])
+                out[stat] = np.array(
+                    [
+                        np.nan if e - s < 2 else float(values[s:e].std(ddof=1))
+                        for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+                    ]
+                )
     return out
 
 
@@ -136,11 +153,18 @@ class _Flat:
         self.span = (int(every.max()) - self.first + 3) if every.size else 3
         self.searchable = len(keys) * self.span < 2**62
         lengths = np.array([len(s) for s in stamps], dtype=np.int64)
-        self.position = (np.repeat(np.arange(len(keys), dtype=np.int64) * self.span, lengths)
-                         + (every - self.first + 1)) if self.searchable else every
+        self.position = (
+            (
+                np.repeat(np.arange(len(keys), dtype=np.int64) * self.span, lengths)
+                + (every - self.first + 1)
+            )
+            if self.searchable
+            else every
+        )
 
-    def windows(self, ranks: np.ndarray, lows: np.ndarray, highs: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def windows(
+        self, ranks: np.ndarray, lows: np.ndarray, highs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         base = ranks * self.span
         top = self.span - 1
         # Clipped into the key's band: outside the history, the band's edge finds the same rows.
@@ -165,17 +189,22 @@ class MemoryOnlineStore:
         self._dirty: dict[str, bool] = {}
         self._lock = threading.Lock()
 
-    def add(self, aggregate: Aggregate, keys: Sequence[Key], known_at: Any,
-            values: Sequence[float]) -> int:
+    def add(
+        self, aggregate: Aggregate, keys: Sequence[Key], known_at: Any, values: Sequence[float]
+    ) -> int:
         stamps = _micros(known_at)
         added = 0
         with self._lock:
             for key, stamp, value in zip(keys, stamps, values, strict=True):
-                if not valid_key(key) or value is None or (isinstance(value, float)
-                                                           and math.isnan(value)):
+                if (
+                    not valid_key(key)
+                    or value is None
+                    or (isinstance(value, float) and math.isnan(value))
+                ):
                     continue
                 self._pending.setdefault((aggregate.name, tuple(key)), []).append(
-                    (int(stamp), float(value)))
+                    (int(stamp), float(value))
+                )
                 added += 1
             if added:
                 self._dirty[aggregate.name] = True
@@ -196,8 +225,9 @@ class MemoryOnlineStore:
             self._series[slot] = series
         return series if series is not None else (np.empty(0, np.int64), np.empty(0))
 
-    def query(self, aggregate: Aggregate, keys: Sequence[Key], times: Any
-              ) -> list[dict[str, float | int | None]]:
+    def query(
+        self, aggregate: Aggregate, keys: Sequence[Key], times: Any
+    ) -> list[dict[str, float | int | None]]:
         return rows_of(aggregate, self.query_columns(aggregate, keys, times))
 
     def _flat(self, name: str) -> _Flat:
@@ -214,8 +244,9 @@ class MemoryOnlineStore:
             self._dirty[name] = False
         return flat
 
-    def query_columns(self, aggregate: Aggregate, keys: Sequence[Key], times: Any
-                      ) -> dict[str, np.ndarray]:
+    def query_columns(
+        self, aggregate: Aggregate, keys: Sequence[Key], times: Any
+    ) -> dict[str, np.ndarray]:
         """The statistics of each (key, time) as float64 columns (NaN = NULL), for all rows
         at once: one searchsorted over the aggregate's consolidated series, one reduceat per
         statistic."""
@@ -234,10 +265,12 @@ class MemoryOnlineStore:
             return missing if valid_key(key) else -2
 
         if rows == 1:  # one request: scalars, no array set-up
-            return self._query_one(aggregate, flat, rank_of(tuple(keys[0])), int(lows[0]),
-                                   int(highs[0]))
-        ranks = np.fromiter((rank_of(k if type(k) is tuple else tuple(k)) for k in keys),
-                            dtype=np.int64, count=rows)
+            return self._query_one(
+                aggregate, flat, rank_of(tuple(keys[0])), int(lows[0]), int(highs[0])
+            )
+        ranks = np.fromiter(
+            (rank_of(k if type(k) is tuple else tuple(k)) for k in keys), dtype=np.int64, count=rows
+        )
         known = ranks >= 0
         out = {stat: np.full(rows, np.nan) for stat in aggregate.statistics}
         if "count" in out:
@@ -248,14 +281,16 @@ class MemoryOnlineStore:
         starts, ends = flat.windows(ranks[at], lows[at], highs[at])
         order = np.argsort(starts, kind="stable")
         at, starts, ends = at[order], starts[order], ends[order]
-        for stat, column in window_statistics(flat.padded, starts, ends,
-                                              aggregate.statistics).items():
+        for stat, column in window_statistics(
+            flat.padded, starts, ends, aggregate.statistics
+        ).items():
             out[stat][at] = column
         return out
 
     @staticmethod
-    def _query_one(aggregate: Aggregate, flat: _Flat, rank: int, low: int, high: int
-                   ) -> dict[str, np.ndarray]:
+    def _query_one(
+        aggregate: Aggregate, flat: _Flat, rank: int, low: int, high: int
+    ) -> dict[str, np.ndarray]:
         """`query_columns` for one row: the same window and reductions, on scalars."""
         if rank < 0:
             empty = {stat: np.array([np.nan]) for stat in aggregate.statistics}
@@ -264,14 +299,23 @@ class MemoryOnlineStore:
             return empty
         base, top = rank * flat.span, flat.span - 1
         start = int(flat.position.searchsorted(base + min(max(low - flat.first + 1, 0), top)))
-        end = max(start, int(flat.position.searchsorted(
-            base + min(max(high - flat.first + 1, 0), top), side="right")))
+        end = max(
+            start,
+            int(
+                flat.position.searchsorted(
+                    base + min(max(high - flat.first + 1, 0), top), side="right"
+                )
+            ),
+        )
         found = statistics(flat.padded[start:end], aggregate.statistics)
-        return {stat: np.array([np.nan if v is None else v], dtype=np.float64)
-                for stat, v in found.items()}
+        return {
+            stat: np.array([np.nan if v is None else v], dtype=np.float64)
+            for stat, v in found.items()
+        }
 
-    def _query_by_key(self, aggregate: Aggregate, keys: Sequence[Key], lows: np.ndarray,
-                      highs: np.ndarray) -> list[dict[str, float | int | None]]:
+    def _query_by_key(
+        self, aggregate: Aggregate, keys: Sequence[Key], lows: np.ndarray, highs: np.ndarray
+    ) -> list[dict[str, float | int | None]]:
         out = []
         with self._lock:
             for key, low, high in zip(keys, lows, highs, strict=True):
@@ -287,7 +331,8 @@ class MemoryOnlineStore:
     def size(self) -> int:
         with self._lock:
             return sum(len(s[0]) for s in self._series.values()) + sum(
-                len(p) for p in self._pending.values())
+                len(p) for p in self._pending.values()
+            )
 
 
 class RedisOnlineStore:
@@ -302,14 +347,18 @@ class RedisOnlineStore:
     def _name(self, aggregate: str, key: Key) -> str:
         return f"{self.prefix}:{aggregate}:" + "|".join(str(k) for k in key)
 
-    def add(self, aggregate: Aggregate, keys: Sequence[Key], known_at: Any,
-            values: Sequence[float]) -> int:
+    def add(
+        self, aggregate: Aggregate, keys: Sequence[Key], known_at: Any, values: Sequence[float]
+    ) -> int:
         stamps = _micros(known_at)
         pipe = self.client.pipeline(transaction=False)
         added = 0
         for key, stamp, value in zip(keys, stamps, values, strict=True):
-            if not valid_key(tuple(key)) or value is None or (isinstance(value, float)
-                                                              and math.isnan(value)):
+            if (
+                not valid_key(tuple(key))
+                or value is None
+                or (isinstance(value, float) and math.isnan(value))
+            ):
                 continue
             member = f"{float(value)!r}:{uuid.uuid4().hex[:12]}"
             pipe.zadd(self._name(aggregate.name, tuple(key)), {member: int(stamp)})
@@ -319,8 +368,9 @@ class RedisOnlineStore:
         pipe.execute()
         return added
 
-    def query(self, aggregate: Aggregate, keys: Sequence[Key], times: Any
-              ) -> list[dict[str, float | int | None]]:
+    def query(
+        self, aggregate: Aggregate, keys: Sequence[Key], times: Any
+    ) -> list[dict[str, float | int | None]]:
         lows, highs = _window(aggregate, times)
         pipe = self.client.pipeline(transaction=False)
         slots = []
@@ -341,8 +391,9 @@ class RedisOnlineStore:
             out.append(statistics(values, aggregate.statistics))
         return out
 
-    def query_columns(self, aggregate: Aggregate, keys: Sequence[Key], times: Any
-                      ) -> dict[str, np.ndarray]:
+    def query_columns(
+        self, aggregate: Aggregate, keys: Sequence[Key], times: Any
+    ) -> dict[str, np.ndarray]:
         return columns_of(aggregate, self.query(aggregate, keys, times))
 
     def clear(self) -> None:

@@ -55,16 +55,33 @@ from ml_lifecycle.training.dataset import matrix_select_sql
 from ml_lifecycle.training.registry import ModelRegistry
 
 _PY_TYPES = {
-    "BIGINT": int, "INTEGER": int, "SMALLINT": int, "TINYINT": int, "HUGEINT": int,
-    "UBIGINT": int, "UINTEGER": int, "USMALLINT": int, "UTINYINT": int,
-    "DOUBLE": float, "FLOAT": float, "REAL": float, "DECIMAL": float,
-    "VARCHAR": str, "BOOLEAN": bool, "TIMESTAMP": datetime, "TIMESTAMP_NS": datetime,
-    "TIMESTAMP WITH TIME ZONE": datetime, "DATE": date,
+    "BIGINT": int,
+    "INTEGER": int,
+    "SMALLINT": int,
+    "TINYINT": int,
+    "HUGEINT": int,
+    "UBIGINT": int,
+    "UINTEGER": int,
+    "USMALLINT": int,
+    "UTINYINT": int,
+    "DOUBLE": float,
+    "FLOAT": float,
+    "REAL": float,
+    "DECIMAL": float,
+    "VARCHAR": str,
+    "BOOLEAN": bool,
+    "TIMESTAMP": datetime,
+    "TIMESTAMP_NS": datetime,
+    "TIMESTAMP WITH TIME ZONE": datetime,
+    "DATE": date,
 }
 
 
-_VALUE_ERRORS = (duckdb.ConversionException, duckdb.OutOfRangeException,
-                 duckdb.InvalidInputException)
+_VALUE_ERRORS = (
+    duckdb.ConversionException,
+    duckdb.OutOfRangeException,
+    duckdb.InvalidInputException,
+)
 
 
 class RequestError(ValueError):
@@ -141,8 +158,10 @@ class ServingRuntime:
         self._local = threading.local()
         primary = spec.raw_asset_names()[0]
         for parquet in sorted(self.snapshot.glob("raw_*.parquet")):
-            self.db.execute(f"CREATE TABLE {quote(parquet.stem)} AS SELECT * FROM "
-                            f"read_parquet({sql_literal(str(parquet))})")
+            self.db.execute(
+                f"CREATE TABLE {quote(parquet.stem)} AS SELECT * FROM "
+                f"read_parquet({sql_literal(str(parquet))})"
+            )
         self.raw_schema = self.db.sql(f"SELECT * FROM {quote(primary)}").to_arrow_table().schema
         self.request_schema = self.raw_schema.append(pa.field(REQUEST_ROW, pa.int64()))
         self.plan = build_cleaning(self.db, spec, serving=True, request_relation="__request")
@@ -154,8 +173,9 @@ class ServingRuntime:
         self.db.unregister("__request")
         self.transform: RequestTransform | None = None
         if os.environ.get("ML_LIFECYCLE_SERVING_SQL", "0").lower() in ("0", "false", "no", ""):
-            transform = RequestTransform(self.db, spec, self.plan, self.raw_schema,
-                                         flatten_columns(self.db, primary))
+            transform = RequestTransform(
+                self.db, spec, self.plan, self.raw_schema, flatten_columns(self.db, primary)
+            )
             self.transform = None if transform.unsupported else transform
         self._models_prepared = 0
         self._reload_lock = threading.Lock()
@@ -166,7 +186,11 @@ class ServingRuntime:
         self.log = InferenceLog(log_dir or self.paths.inference)
         # ML_LIFECYCLE_INFERENCE_LOG=0 turns the prediction log off (benchmarks measure its cost).
         self.log_predictions = os.environ.get("ML_LIFECYCLE_INFERENCE_LOG", "1").lower() not in (
-            "0", "false", "no", "off")
+            "0",
+            "false",
+            "no",
+            "off",
+        )
         self.model = self._load(self._champion_version())
         self.shadow = self._load_shadow()
         self._aliases_mtime = self._alias_mtime()
@@ -176,8 +200,9 @@ class ServingRuntime:
         self._stop = threading.Event()
         self.swaps = 0
         if watch_interval:
-            self._watcher = threading.Thread(target=self._watch, args=(watch_interval,),
-                                             daemon=True, name="champion-watcher")
+            self._watcher = threading.Thread(
+                target=self._watch, args=(watch_interval,), daemon=True, name="champion-watcher"
+            )
             self._watcher.start()
 
     # -- schema ---------------------------------------------------------------------------
@@ -195,10 +220,17 @@ class ServingRuntime:
         for aggregate in spec.aggregates:
             required |= set(aggregate.keys)
         target_roots = {spec.target} if spec.target else set()
-        return self._fields(primary, [n for n in raw_names if (n in used_roots - target_roots
-                                      and n not in spec.drop_columns)
-                                      or n in _referenced(spec.time_sql, raw_names)], required,
-                            not_null)
+        return self._fields(
+            primary,
+            [
+                n
+                for n in raw_names
+                if (n in used_roots - target_roots and n not in spec.drop_columns)
+                or n in _referenced(spec.time_sql, raw_names)
+            ],
+            required,
+            not_null,
+        )
 
     def _event_fields(self, primary: str) -> list[RequestField]:
         """Events (the feed that keeps aggregates current) may carry every raw column."""
@@ -207,32 +239,48 @@ class ServingRuntime:
         not_null = {f.name for f in self.fields if f.required and not f.nullable}
         return self._fields(primary, raw_names, required, not_null)
 
-    def _fields(self, primary: str, names: list[str], required: set[str],
-                not_null: set[str]) -> list[RequestField]:
-        described = dict(self.db.execute("SELECT column_name, data_type FROM "
-                                         "information_schema.columns WHERE table_name = ?",
-                                         [primary]).fetchall())
+    def _fields(
+        self, primary: str, names: list[str], required: set[str], not_null: set[str]
+    ) -> list[RequestField]:
+        described = dict(
+            self.db.execute(
+                "SELECT column_name, data_type FROM "
+                "information_schema.columns WHERE table_name = ?",
+                [primary],
+            ).fetchall()
+        )
         out = []
         for name in names:
             dtype = described[name]
-            python_type = _PY_TYPES.get(dtype.split("(")[0].upper(), dict if dtype.startswith(
-                "STRUCT") else str)
-            out.append(RequestField(name, dtype, python_type, name in required,
-                                    nullable=name not in not_null))
+            python_type = _PY_TYPES.get(
+                dtype.split("(")[0].upper(), dict if dtype.startswith("STRUCT") else str
+            )
+            out.append(
+                RequestField(
+                    name, dtype, python_type, name in required, nullable=name not in not_null
+                )
+            )
         return out
 
     # -- models ---------------------------------------------------------------------------
     def _champion_version(self) -> str:
         version = self.registry.alias("champion")
         if version is None:
-            raise RuntimeError(f"no champion in {self.registry.root}: train and promote a model "
-                               "first (training_pipeline)")
+            raise RuntimeError(
+                f"no champion in {self.registry.root}: train and promote a model "
+                "first (training_pipeline)"
+            )
         return version
 
     def _load(self, version: str) -> LoadedModel:
         loaded = self.registry.load(version)
-        model = LoadedModel(version=version, booster=loaded.booster(), state=loaded.state,
-                            metadata=loaded.metadata, encoder=FeatureEncoder(loaded.state))
+        model = LoadedModel(
+            version=version,
+            booster=loaded.booster(),
+            state=loaded.state,
+            metadata=loaded.metadata,
+            encoder=FeatureEncoder(loaded.state),
+        )
         if self.transform is None or not model.compiled:
             model.matrix_sql = self._prepare_matrix(model)
         return model
@@ -298,7 +346,8 @@ class ServingRuntime:
         self.db.execute(
             f"CREATE VIEW __matrix_{tag} AS SELECT f.*, {', '.join(matrix)} "
             f"FROM (SELECT c.{REQUEST_ROW}, {', '.join(features)} FROM __cleaned c) f "
-            f"ORDER BY f.{REQUEST_ROW}")
+            f"ORDER BY f.{REQUEST_ROW}"
+        )
         self.db.unregister("__cleaned")
         return f"SELECT * FROM __matrix_{tag}"
 
@@ -336,15 +385,19 @@ class ServingRuntime:
             # A value the spec's expressions cannot take (e.g. a delay of 2**62 minutes in an
             # aggregate's known_at): the client's data, so a 400 naming the record.
             message = str(error).splitlines()[0]
-            bad = next((i for i, record in enumerate(records[:1000])
-                        if not self._cleans(record)), None)
+            bad = next(
+                (i for i, record in enumerate(records[:1000]) if not self._cleans(record)), None
+            )
             where = f"record {bad}" if bad is not None else "the batch"
-            raise RequestError(f"{where}: the dataset's expressions (time, target, aggregate "
-                               f"value/known_at) fail on its values: {message}") from None
+            raise RequestError(
+                f"{where}: the dataset's expressions (time, target, aggregate "
+                f"value/known_at) fail on its values: {message}"
+            ) from None
         if self.spec.has_time and cleaned.column(TIME).null_count:
             bad = cleaned.column(TIME).to_pylist().index(None)
-            raise RequestError(f"record {bad}: the time ({self.spec.time_sql}) cannot be computed "
-                               "from its fields")
+            raise RequestError(
+                f"record {bad}: the time ({self.spec.time_sql}) cannot be computed from its fields"
+            )
         return cleaned
 
     def _cleans(self, record: dict[str, Any]) -> bool:
@@ -365,8 +418,9 @@ class ServingRuntime:
             for stat in aggregate.statistics:
                 values = [row[stat] for row in stats]
                 dtype = pa.int64() if stat == "count" else pa.float64()
-                cleaned = cleaned.append_column(f"{aggregate.name}_{stat}",
-                                                pa.array(values, type=dtype))
+                cleaned = cleaned.append_column(
+                    f"{aggregate.name}_{stat}", pa.array(values, type=dtype)
+                )
         return cleaned
 
     def _check_categories(self, cleaned: pa.Table, model: LoadedModel) -> None:
@@ -380,7 +434,8 @@ class ServingRuntime:
                 if value is not None and str(value) not in known:
                     raise RequestError(
                         f"record {index}: field {name!r}: unknown category {value!r} "
-                        f"(the model knows {len(levels)} levels)")
+                        f"(the model knows {len(levels)} levels)"
+                    )
 
     def _score_matrix(self, features: pa.Table, model: LoadedModel) -> tuple[np.ndarray, pa.Table]:
         cursor = self._cursor()
@@ -390,12 +445,17 @@ class ServingRuntime:
         finally:
             cursor.unregister("__cleaned")
         names = [n for n in scored.column_names if n.startswith("__m_")]
-        matrix = np.column_stack([scored.column(n).to_numpy(zero_copy_only=False)
-                                  .astype(np.float32) for n in names]) if names else np.empty(
-            (scored.num_rows, 0), np.float32)
+        matrix = (
+            np.column_stack(
+                [scored.column(n).to_numpy(zero_copy_only=False).astype(np.float32) for n in names]
+            )
+            if names
+            else np.empty((scored.num_rows, 0), np.float32)
+        )
         prediction = np.asarray(model.booster.predict(matrix))
-        readable = scored.select([n for n in scored.column_names
-                                  if not n.startswith("__m_") and n != REQUEST_ROW])
+        readable = scored.select(
+            [n for n in scored.column_names if not n.startswith("__m_") and n != REQUEST_ROW]
+        )
         return prediction, readable
 
     def _present(self, prediction: Any, model: LoadedModel) -> dict[str, Any]:
@@ -406,13 +466,16 @@ class ServingRuntime:
         if task == "multiclass":
             classes = model.classes or []
             probabilities = {c: float(v) for c, v in zip(classes, prediction, strict=True)}
-            return {"prediction": classes[int(np.argmax(prediction))],
-                    "probabilities": probabilities}
+            return {
+                "prediction": classes[int(np.argmax(prediction))],
+                "probabilities": probabilities,
+            }
         return {"prediction": float(prediction)}
 
     # -- public API -----------------------------------------------------------------------
-    def score(self, records: list[dict[str, Any]], request_ids: list[str] | None = None,
-              log: bool = True) -> list[dict[str, Any]]:
+    def score(
+        self, records: list[dict[str, Any]], request_ids: list[str] | None = None, log: bool = True
+    ) -> list[dict[str, Any]]:
         """Predictions for raw records (the request fields), in order; logs each one."""
         self._check_size(len(records))
         model = self.model  # pinned: a swap during this request does not affect it
@@ -420,13 +483,15 @@ class ServingRuntime:
         if self._compiled_for(model, shadow):
             names = [f.name for f in self.fields]
             inputs = {name: [r.get(name) for r in records] for name in names}
-            ids, prediction = self._score_compiled(inputs, len(records), model, shadow,
-                                                   request_ids, log)
+            ids, prediction = self._score_compiled(
+                inputs, len(records), model, shadow, request_ids, log
+            )
             return self._present_all(prediction, model, ids)
         return self._score_sql(records, model, shadow, request_ids, log)
 
-    def score_columns(self, inputs: dict[str, list[Any]], request_ids: list[str] | None = None,
-                      log: bool = True) -> dict[str, Any]:
+    def score_columns(
+        self, inputs: dict[str, list[Any]], request_ids: list[str] | None = None, log: bool = True
+    ) -> dict[str, Any]:
         """Predictions for columns of request fields (equal lengths), as columns."""
         rows = _rows_of(inputs)
         self._check_size(rows)
@@ -436,11 +501,14 @@ class ServingRuntime:
             ids, prediction = self._score_compiled(inputs, rows, model, shadow, request_ids, log)
             return self._present_columns(prediction, model, ids)
         names = list(inputs)
-        records = [dict(zip(names, values, strict=True))
-                   for values in zip(*inputs.values(), strict=True)]
+        records = [
+            dict(zip(names, values, strict=True)) for values in zip(*inputs.values(), strict=True)
+        ]
         results = self._score_sql(records, model, shadow, request_ids, log)
-        out: dict[str, Any] = {"model_version": model.version,
-                               "request_ids": [r["request_id"] for r in results]}
+        out: dict[str, Any] = {
+            "model_version": model.version,
+            "request_ids": [r["request_id"] for r in results],
+        }
         for key in results[0]:
             if key not in ("request_id", "model_version"):
                 out[_plural(key)] = [r[key] for r in results]
@@ -453,12 +521,16 @@ class ServingRuntime:
             raise RequestError(f"the batch has {rows} records; at most {self.max_batch}")
 
     def _compiled_for(self, model: LoadedModel, shadow: LoadedModel | None) -> bool:
-        return self.transform is not None and model.compiled and (
-            shadow is None or shadow.compiled)
+        return self.transform is not None and model.compiled and (shadow is None or shadow.compiled)
 
-    def _score_sql(self, records: list[dict[str, Any]], model: LoadedModel,
-                   shadow: LoadedModel | None, request_ids: list[str] | None,
-                   log: bool) -> list[dict[str, Any]]:
+    def _score_sql(
+        self,
+        records: list[dict[str, Any]],
+        model: LoadedModel,
+        shadow: LoadedModel | None,
+        request_ids: list[str] | None,
+        log: bool,
+    ) -> list[dict[str, Any]]:
         """The pipeline's SQL per request (plans the compiled path does not cover)."""
         cleaned = self._with_aggregates(self._clean(records))
         self._check_categories(cleaned, model)
@@ -469,8 +541,13 @@ class ServingRuntime:
         ids = request_ids or _request_ids(len(records))
         results = []
         for index in range(len(records)):
-            results.append({"request_id": ids[index], "model_version": model.version,
-                            **self._present(prediction[index], model)})
+            results.append(
+                {
+                    "request_id": ids[index],
+                    "model_version": model.version,
+                    **self._present(prediction[index], model),
+                }
+            )
         if log and self.log_predictions:
             self._log(results, readable, cleaned, prediction, shadow, shadow_prediction, records)
         return results
@@ -483,19 +560,28 @@ class ServingRuntime:
         except _VALUE_ERRORS:
             # The SQL path names the record the spec's expression fails on.
             names = list(inputs)
-            self._clean([dict(zip(names, values, strict=True))
-                         for values in zip(*inputs.values(), strict=True)])
+            self._clean(
+                [
+                    dict(zip(names, values, strict=True))
+                    for values in zip(*inputs.values(), strict=True)
+                ]
+            )
             raise
         if self.spec.has_time:
             bad = np.flatnonzero(times == np.iinfo(np.int64).min)
             if bad.size:
-                raise RequestError(f"record {int(bad[0])}: the time ({self.spec.time_sql}) "
-                                   "cannot be computed from its fields")
+                raise RequestError(
+                    f"record {int(bad[0])}: the time ({self.spec.time_sql}) "
+                    "cannot be computed from its fields"
+                )
         for aggregate in self.spec.aggregates:
             keys = list(zip(*[columns[k] for k in aggregate.keys], strict=True))
             query = getattr(self.store, "query_columns", None)
-            stats = (query(aggregate, keys, columns[TIME]) if query is not None else
-                     columns_of(aggregate, self.store.query(aggregate, keys, columns[TIME])))
+            stats = (
+                query(aggregate, keys, columns[TIME])
+                if query is not None
+                else columns_of(aggregate, self.store.query(aggregate, keys, columns[TIME]))
+            )
             for stat in aggregate.statistics:
                 columns[f"{aggregate.name}_{stat}"] = stats[stat]
         return columns
@@ -508,15 +594,24 @@ class ServingRuntime:
                 continue  # capped vocabulary: rare levels are expected
             codes = model.encoder.codes[name] if model.encoder else {}
             for index, value in enumerate(columns[name]):
-                if value is not None and (value if isinstance(value, str) else str(value)) \
-                        not in codes:
+                if (
+                    value is not None
+                    and (value if isinstance(value, str) else str(value)) not in codes
+                ):
                     raise RequestError(
                         f"record {index}: field {name!r}: unknown category {value!r} "
-                        f"(the model knows {len(levels)} levels)")
+                        f"(the model knows {len(levels)} levels)"
+                    )
 
-    def _score_compiled(self, inputs: dict[str, list[Any]], rows: int, model: LoadedModel,
-                        shadow: LoadedModel | None, request_ids: list[str] | None,
-                        log: bool) -> tuple[list[str], np.ndarray]:
+    def _score_compiled(
+        self,
+        inputs: dict[str, list[Any]],
+        rows: int,
+        model: LoadedModel,
+        shadow: LoadedModel | None,
+        request_ids: list[str] | None,
+        log: bool,
+    ) -> tuple[list[str], np.ndarray]:
         columns = self._clean_compiled(inputs, rows)
         self._check_compiled(columns, model)
         prediction = self._predict(model, columns, rows)
@@ -535,18 +630,24 @@ class ServingRuntime:
         extra = {"num_threads": 1} if rows < _THREADED_FROM else {}
         return np.asarray(model.booster.predict(matrix, **extra))
 
-    def _present_all(self, prediction: np.ndarray, model: LoadedModel,
-                     ids: list[str]) -> list[dict[str, Any]]:
+    def _present_all(
+        self, prediction: np.ndarray, model: LoadedModel, ids: list[str]
+    ) -> list[dict[str, Any]]:
         version = model.version
         if self.spec.task == "binary":
             values = prediction.tolist()
-            return [{"request_id": i, "model_version": version, "prediction": p,
-                     "label": int(p >= 0.5)} for i, p in zip(ids, values, strict=True)]
-        return [{"request_id": i, "model_version": version, **self._present(p, model)}
-                for i, p in zip(ids, prediction, strict=True)]
+            return [
+                {"request_id": i, "model_version": version, "prediction": p, "label": int(p >= 0.5)}
+                for i, p in zip(ids, values, strict=True)
+            ]
+        return [
+            {"request_id": i, "model_version": version, **self._present(p, model)}
+            for i, p in zip(ids, prediction, strict=True)
+        ]
 
-    def _present_columns(self, prediction: np.ndarray, model: LoadedModel,
-                         ids: list[str]) -> dict[str, Any]:
+    def _present_columns(
+        self, prediction: np.ndarray, model: LoadedModel, ids: list[str]
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"model_version": model.version, "request_ids": ids}
         if self.spec.task == "binary":
             out["predictions"] = prediction.tolist()
@@ -577,29 +678,57 @@ class ServingRuntime:
                 out[name] = np.asarray(columns[name], dtype=np.float64)
         return out
 
-    def _log_compiled(self, ids: list[str], prediction: np.ndarray, columns: dict[str, Any],
-                      model: LoadedModel, shadow: LoadedModel | None,
-                      shadow_prediction: np.ndarray | None) -> None:
+    def _log_compiled(
+        self,
+        ids: list[str],
+        prediction: np.ndarray,
+        columns: dict[str, Any],
+        model: LoadedModel,
+        shadow: LoadedModel | None,
+        shadow_prediction: np.ndarray | None,
+    ) -> None:
         rows = len(ids)
-        times = (np.datetime_as_string(columns[TIME], unit="us").tolist() if self.spec.has_time
-                 else [None] * rows)
-        id_columns = {name: _json_values(columns[name]) for name in self.spec.id_columns
-                      if name in columns}
+        times = (
+            np.datetime_as_string(columns[TIME], unit="us").tolist()
+            if self.spec.has_time
+            else [None] * rows
+        )
+        id_columns = {
+            name: _json_values(columns[name]) for name in self.spec.id_columns if name in columns
+        }
         shadows = None
         if shadow is not None and shadow_prediction is not None:
             shadows = self._present_columns(shadow_prediction, shadow, ids)
             shadows.pop("request_ids")
         presented = self._present_columns(prediction, model, ids)
-        self.log.write_predictions(ids, model.version, presented["predictions"], times,
-                                   id_columns, self._readable(columns, model), shadows)
+        self.log.write_predictions(
+            ids,
+            model.version,
+            presented["predictions"],
+            times,
+            id_columns,
+            self._readable(columns, model),
+            shadows,
+        )
 
-    def _log(self, results, readable: pa.Table, cleaned: pa.Table, prediction, shadow,
-             shadow_prediction, records) -> None:
+    def _log(
+        self,
+        results,
+        readable: pa.Table,
+        cleaned: pa.Table,
+        prediction,
+        shadow,
+        shadow_prediction,
+        records,
+    ) -> None:
         now = self.log.now()
         feature_rows = readable.to_pylist()
         times = cleaned.column(TIME).to_pylist() if self.spec.has_time else [None] * len(results)
-        ids = {name: cleaned.column(name).to_pylist() for name in self.spec.id_columns
-               if name in cleaned.column_names}
+        ids = {
+            name: cleaned.column(name).to_pylist()
+            for name in self.spec.id_columns
+            if name in cleaned.column_names
+        }
         lines = []
         for index, result in enumerate(results):
             line = {
@@ -612,8 +741,10 @@ class ServingRuntime:
                 "prediction": result["prediction"],
             }
             if shadow is not None and shadow_prediction is not None:
-                line["shadow"] = {"model_version": shadow.version,
-                                  **self._present(shadow_prediction[index], shadow)}
+                line["shadow"] = {
+                    "model_version": shadow.version,
+                    **self._present(shadow_prediction[index], shadow),
+                }
             lines.append(line)
         self.log.predictions.write(lines)
 
@@ -626,14 +757,16 @@ class ServingRuntime:
         for aggregate in self.spec.aggregates:
             value = cleaned.column(AGG_VALUE.format(aggregate.name)).to_pylist()
             known = cleaned.column(AGG_KNOWN_AT.format(aggregate.name)).to_numpy(
-                zero_copy_only=False)
-            keys = list(zip(*[cleaned.column(k).to_pylist() for k in aggregate.keys],
-                            strict=True))
+                zero_copy_only=False
+            )
+            keys = list(zip(*[cleaned.column(k).to_pylist() for k in aggregate.keys], strict=True))
             mask = [v is not None for v in value]
             added += self.store.add(
-                aggregate, [k for k, m in zip(keys, mask, strict=True) if m],
+                aggregate,
+                [k for k, m in zip(keys, mask, strict=True) if m],
                 known[np.array(mask, dtype=bool)] if len(mask) else known,
-                [v for v in value if v is not None])
+                [v for v in value if v is not None],
+            )
         return added
 
     def record_labels(self, labels: list[dict[str, Any]]) -> int:
@@ -651,17 +784,24 @@ class ServingRuntime:
                 continue
             frame = self.db.sql(f"SELECT * FROM read_parquet({sql_literal(str(path))})").pl()
             keys = list(zip(*[frame[k].to_list() for k in aggregate.keys], strict=True))
-            added += self.store.add(aggregate, keys, frame["known_at"].to_numpy(),
-                                    frame["value"].to_list())
+            added += self.store.add(
+                aggregate, keys, frame["known_at"].to_numpy(), frame["value"].to_list()
+            )
         return added
 
     def describe(self) -> dict[str, Any]:
-        return {"dataset": self.spec.name, "task": self.spec.task,
-                "model_version": self.model.version,
-                "shadow_version": self.shadow.version if self.shadow else None,
-                "snapshot": self.snapshot.name, "swaps": self.swaps,
-                "request_fields": {f.name: {"type": f.dtype, "required": f.required,
-                                            "nullable": f.nullable} for f in self.fields}}
+        return {
+            "dataset": self.spec.name,
+            "task": self.spec.task,
+            "model_version": self.model.version,
+            "shadow_version": self.shadow.version if self.shadow else None,
+            "snapshot": self.snapshot.name,
+            "swaps": self.swaps,
+            "request_fields": {
+                f.name: {"type": f.dtype, "required": f.required, "nullable": f.nullable}
+                for f in self.fields
+            },
+        }
 
 
 _THREADED_FROM = 512  # rows
@@ -675,8 +815,9 @@ def _rows_of(inputs: dict[str, list[Any]]) -> int:
 
 
 def _plural(key: str) -> str:
-    return {"prediction": "predictions", "label": "labels",
-            "probabilities": "probabilities"}.get(key, key)
+    return {"prediction": "predictions", "label": "labels", "probabilities": "probabilities"}.get(
+        key, key
+    )
 
 
 def _request_ids(count: int) -> list[str]:
@@ -698,4 +839,3 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return predicate()
-

@@ -29,18 +29,24 @@ MAX_BATCH = int(os.environ.get("ML_LIFECYCLE_MAX_BATCH", "10000"))
 MAX_BODY_BYTES = int(os.environ.get("ML_LIFECYCLE_MAX_BODY_BYTES", str(16 * 1024 * 1024)))
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _INT_RANGES = {
-    "TINYINT": (-(2**7), 2**7 - 1), "SMALLINT": (-(2**15), 2**15 - 1),
-    "INTEGER": (-(2**31), 2**31 - 1), "BIGINT": (-(2**63), 2**63 - 1),
+    "TINYINT": (-(2**7), 2**7 - 1),
+    "SMALLINT": (-(2**15), 2**15 - 1),
+    "INTEGER": (-(2**31), 2**31 - 1),
+    "BIGINT": (-(2**63), 2**63 - 1),
     "HUGEINT": (-(2**63), 2**63 - 1),
-    "UTINYINT": (0, 2**8 - 1), "USMALLINT": (0, 2**16 - 1), "UINTEGER": (0, 2**32 - 1),
+    "UTINYINT": (0, 2**8 - 1),
+    "USMALLINT": (0, 2**16 - 1),
+    "UINTEGER": (0, 2**32 - 1),
     "UBIGINT": (0, 2**64 - 1),
 }
 
 
 def _naive(value: datetime) -> datetime:
     if value.tzinfo is not None:
-        raise ValueError("expected the dataset's local date-time (e.g. 2024-05-01T10:30:00): "
-                         "a UTC offset or an epoch number would shift it")
+        raise ValueError(
+            "expected the dataset's local date-time (e.g. 2024-05-01T10:30:00): "
+            "a UTC offset or an epoch number would shift it"
+        )
     return value
 
 
@@ -73,8 +79,10 @@ def _model(name: str, fields: list[RequestField], all_optional: bool = False) ->
             required_type = python_type | None if spec_field.nullable else python_type
             definitions[spec_field.name] = (required_type, Field(description=spec_field.dtype))
         else:
-            definitions[spec_field.name] = (python_type | None,
-                                            Field(None, description=spec_field.dtype))
+            definitions[spec_field.name] = (
+                python_type | None,
+                Field(None, description=spec_field.dtype),
+            )
     return create_model(name, __config__=STRICT, **definitions)
 
 
@@ -98,11 +106,13 @@ def _columns_model(name: str, fields: list[RequestField]) -> type[BaseModel]:
             item = item | None if spec_field.nullable else item
             definitions[spec_field.name] = (
                 Annotated[list[item], Field(min_length=1, max_length=MAX_BATCH)],
-                Field(description=f"{spec_field.dtype}, one per record"))
+                Field(description=f"{spec_field.dtype}, one per record"),
+            )
         else:
             definitions[spec_field.name] = (
                 Annotated[list[item | None], Field(min_length=1, max_length=MAX_BATCH)] | None,
-                Field(None, description=f"{spec_field.dtype}, one per record"))
+                Field(None, description=f"{spec_field.dtype}, one per record"),
+            )
     return create_model(name, __base__=_EqualLengths, **definitions)
 
 
@@ -155,12 +165,16 @@ class JsonOnly:
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             length = headers.get("content-length")
             if content_type and content_type != "application/json":
-                await _answer(send, 415, f"content-type must be application/json, "
-                                         f"found {content_type!r}")
+                await _answer(
+                    send, 415, f"content-type must be application/json, found {content_type!r}"
+                )
                 return
             if length and length.isdigit() and int(length) > self.max_bytes:
-                await _answer(send, 413, f"request body of {length} bytes exceeds the limit of "
-                                         f"{self.max_bytes} bytes")
+                await _answer(
+                    send,
+                    413,
+                    f"request body of {length} bytes exceeds the limit of {self.max_bytes} bytes",
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -169,9 +183,16 @@ async def _answer(send, status: int, message: str) -> None:
     import json
 
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -224,8 +245,9 @@ class Predictor:
     @bentoml.api(route="/labels")
     def labels(self, labels: Labels, /) -> dict[str, Any]:
         """Ground truth for earlier predictions, joined later by request_id."""
-        return {"recorded": self.runtime.record_labels([label.model_dump() for label in
-                                                        labels.labels])}
+        return {
+            "recorded": self.runtime.record_labels([label.model_dump() for label in labels.labels])
+        }
 
     @bentoml.api(route="/model")
     def model(self) -> dict[str, Any]:

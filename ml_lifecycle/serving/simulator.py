@@ -41,8 +41,12 @@ class Drift:
         for item in items:
             kind, _, rest = item.partition(":")
             column, _, value = rest.partition("=")
-            target = {"shift": drift.shift, "scale": drift.scale, "new": drift.new_category,
-                      "nulls": drift.nulls}.get(kind)
+            target = {
+                "shift": drift.shift,
+                "scale": drift.scale,
+                "new": drift.new_category,
+                "nulls": drift.nulls,
+            }.get(kind)
             if target is None or not column or not value:
                 raise ValueError(f"bad drift {item!r}: expected shift|scale|new|nulls:COLUMN=VALUE")
             target[column] = float(value)
@@ -57,12 +61,15 @@ class Drift:
             out = out.with_columns((pl.col(column) * factor).cast(out.schema[column]))
         for column, share in self.new_category.items():
             mask = pl.Series(rng.random(out.height) < share)
-            out = out.with_columns(pl.when(mask).then(pl.lit(f"NEW_{column.upper()}"))
-                                   .otherwise(pl.col(column)).alias(column))
+            out = out.with_columns(
+                pl.when(mask)
+                .then(pl.lit(f"NEW_{column.upper()}"))
+                .otherwise(pl.col(column))
+                .alias(column)
+            )
         for column, share in self.nulls.items():
             mask = pl.Series(rng.random(out.height) < share)
-            out = out.with_columns(pl.when(mask).then(None).otherwise(pl.col(column))
-                                   .alias(column))
+            out = out.with_columns(pl.when(mask).then(None).otherwise(pl.col(column)).alias(column))
         return out
 
 
@@ -113,8 +120,9 @@ class SimulationReport:
     model_versions: dict[str, int] = field(default_factory=dict)
 
 
-def held_out_rows(spec: DatasetSpec, start: datetime, end: datetime,
-                  files: list[Path] | None = None) -> pl.DataFrame:
+def held_out_rows(
+    spec: DatasetSpec, start: datetime, end: datetime, files: list[Path] | None = None
+) -> pl.DataFrame:
     """Primary-source rows with time in [start, end), from the landing files, in time order,
     with `__time` and `__target` computed by the spec's own expressions."""
     files = files if files is not None else list_files(spec, spec.source)
@@ -122,12 +130,14 @@ def held_out_rows(spec: DatasetSpec, start: datetime, end: datetime,
         raise FileNotFoundError(f"no landing files for {spec.name}")
     conn = duckdb.connect()
     union = " UNION ALL BY NAME ".join(
-        f"SELECT * FROM {reader_sql(spec.source, str(f))}" for f in files)
+        f"SELECT * FROM {reader_sql(spec.source, str(f))}" for f in files
+    )
     time_sql = f"CAST(({spec.time_sql}) AS TIMESTAMP)" if spec.has_time else "NULL"
     frame = conn.sql(
         f"SELECT *, {time_sql} AS __time, ({spec.target_sql}) AS __target FROM ({union}) "
         f"WHERE {time_sql} >= ? AND {time_sql} < ? ORDER BY __time",
-        params=[start, end]).pl()
+        params=[start, end],
+    ).pl()
     conn.close()
     return frame
 
@@ -178,10 +188,13 @@ def replay(
             version = result.get("model_version", "?")
             report.model_versions[version] = report.model_versions.get(version, 0) + 1
         if labels and results:
-            report.labels += target.record_labels([
-                {"request_id": r["request_id"], "label": y}
-                for r, y in zip(results, truth["__target"].to_list(), strict=False)
-                if y is not None])
+            report.labels += target.record_labels(
+                [
+                    {"request_id": r["request_id"], "label": y}
+                    for r, y in zip(results, truth["__target"].to_list(), strict=False)
+                    if y is not None
+                ]
+            )
         bar.update(len(chunk))
         if rate > 0:
             ahead = (offset + len(chunk)) / rate - (time.monotonic() - started)
@@ -191,4 +204,3 @@ def replay(
     report.rejected = getattr(target, "rejected", 0)
     report.seconds = time.monotonic() - started
     return report
-

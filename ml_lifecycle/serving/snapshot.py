@@ -28,8 +28,9 @@ def snapshot_root(spec: DatasetSpec) -> Path:
     return spec.paths().root / "online"
 
 
-def export_online_snapshot(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
-                           root: Path | None = None, keep: int = 3) -> tuple[Path, dict[str, Any]]:
+def export_online_snapshot(
+    conn: duckdb.DuckDBPyConnection, spec: DatasetSpec, root: Path | None = None, keep: int = 3
+) -> tuple[Path, dict[str, Any]]:
     root = Path(root or snapshot_root(spec))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     staging = root / f".staging-{stamp}"
@@ -39,8 +40,11 @@ def export_online_snapshot(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
     def copy(query: str, name: str) -> None:
         target = staging / f"{name}.parquet"
         conn.execute(f"COPY ({query}) TO {sql_literal(str(target))} (FORMAT parquet)")
-        rows[name] = int(conn.execute(
-            f"SELECT count(*) FROM read_parquet({sql_literal(str(target))})").fetchall()[0][0])
+        rows[name] = int(
+            conn.execute(
+                f"SELECT count(*) FROM read_parquet({sql_literal(str(target))})"
+            ).fetchall()[0][0]
+        )
 
     primary = spec.raw_asset_names()[0]
     copy(f"SELECT * FROM {quote(primary)} LIMIT 0", primary)
@@ -49,10 +53,12 @@ def export_online_snapshot(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
     for aggregate in spec.aggregates:
         keys = ", ".join(quote(k) for k in aggregate.keys)
         value, known_at = AGG_VALUE.format(aggregate.name), AGG_KNOWN_AT.format(aggregate.name)
-        copy(f"SELECT {keys}, {known_at} AS known_at, {value} AS value FROM cleaned "
-             f"WHERE {value} IS NOT NULL AND {known_at} IS NOT NULL", f"events_{aggregate.name}")
-    manifest = {"dataset": spec.name, "created_at": datetime.now(UTC).isoformat(),
-                "rows": rows}
+        copy(
+            f"SELECT {keys}, {known_at} AS known_at, {value} AS value FROM cleaned "
+            f"WHERE {value} IS NOT NULL AND {known_at} IS NOT NULL",
+            f"events_{aggregate.name}",
+        )
+    manifest = {"dataset": spec.name, "created_at": datetime.now(UTC).isoformat(), "rows": rows}
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
     final = root / stamp
     os.rename(staging, final)
@@ -60,7 +66,8 @@ def export_online_snapshot(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
     tmp.write_text(stamp)
     os.replace(tmp, root / "CURRENT")
     for old in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[
-            :-keep]:
+        :-keep
+    ]:
         shutil.rmtree(old, ignore_errors=True)
     return final, manifest
 
@@ -71,5 +78,6 @@ def current_snapshot(spec: DatasetSpec, root: Path | None = None) -> Path:
     if not pointer.exists():
         raise FileNotFoundError(
             f"no online snapshot under {root}: materialize the `online_features` asset "
-            "(or run training_pipeline) first")
+            "(or run training_pipeline) first"
+        )
     return root / pointer.read_text().strip()

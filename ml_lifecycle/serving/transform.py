@@ -7,7 +7,8 @@ the pipeline's own reference queries and cleaning SQL over the snapshot's refere
 and keeps the cleaned reference values in memory, indexed by key (and sorted by time for a
 reference with a time). A request is then: the rules over its columns, dictionary and binary
 searches for the joins (as of the request's time, `max_age` applied), and the spec's time
-expression. Only a `time_expression` (user SQL) still goes to DuckDB, memoised by its inputs.
+expression, compiled to numpy (`serving/time_expression.py`) when it stays in the common
+subset; DuckDB evaluates the rows (or expressions) it does not vouch for, memoised by inputs.
 
 What it cannot reproduce exactly (nested primary columns, a rule over an unusual type) makes
 `RequestTransform.unsupported` non-empty, and the runtime then runs the SQL per request instead.
@@ -26,11 +27,21 @@ import pyarrow as pa
 
 from ml_lifecycle.data.cleaning import CleaningPlan, ColumnRule, FlatColumn, ReferenceLookup
 from ml_lifecycle.data.sources import quote
+from ml_lifecycle.serving.time_expression import TimeExpression, compile_time_expression
 from ml_lifecycle.spec import TIME, DatasetSpec
 
 _DIRECT_TIMES = {"TIMESTAMP", "DATE"}
-_TEXT_KEYS = {"VARCHAR", "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT",
-              "UINTEGER", "UBIGINT"}
+_TEXT_KEYS = {
+    "VARCHAR",
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "UTINYINT",
+    "USMALLINT",
+    "UINTEGER",
+    "UBIGINT",
+}
 _MEMO_LIMIT = 200_000
 _PARAMETERS_UP_TO = 16  # rows
 
@@ -55,10 +66,13 @@ class ReferenceIndex:
     def __init__(self, db: duckdb.DuckDBPyConnection, lookup: ReferenceLookup) -> None:
         self.lookup = lookup
         self.timed = lookup.timed
-        self.max_age_us = (int(lookup.max_age.total_seconds()) * 1_000_000
-                           if lookup.max_age is not None else None)
-        keys = [f"CAST(r.{quote(r_col)} AS VARCHAR)" if as_text else f"r.{quote(r_col)}"
-                for _, r_col, as_text in lookup.keys]
+        self.max_age_us = (
+            int(lookup.max_age.total_seconds()) * 1_000_000 if lookup.max_age is not None else None
+        )
+        keys = [
+            f"CAST(r.{quote(r_col)} AS VARCHAR)" if as_text else f"r.{quote(r_col)}"
+            for _, r_col, as_text in lookup.keys
+        ]
         names = [f"__k{i}" for i in range(len(keys))]
         time_item = "epoch_us(r.__ref_time)" if self.timed else "0"
         outputs = [f"{sql} AS {quote(name)}" for name, sql in lookup.outputs.items()]
@@ -68,7 +82,8 @@ class ReferenceIndex:
         table = db.sql(
             f"SELECT {', '.join(f'{k} AS {n}' for k, n in zip(keys, names, strict=True))}, "
             f"{time_item} AS __t{''.join(', ' + o for o in outputs)} FROM {lookup.table} r "
-            f"WHERE {not_null} ORDER BY {', '.join(names)}, __t").to_arrow_table()
+            f"WHERE {not_null} ORDER BY {', '.join(names)}, __t"
+        ).to_arrow_table()
         missing = None
         if lookup.missing:
             items = ", ".join(f"{sql} AS {quote(name)}" for name, sql in lookup.missing.items())
@@ -97,13 +112,16 @@ class ReferenceIndex:
         out = np.full(count, self.missing_row, dtype=np.int64)
         as_text = [t for _, _, t in self.lookup.keys]
         if any(as_text):
-            key_columns = [[None if k is None else str(k) for k in column] if text else column
-                           for column, text in zip(key_columns, as_text, strict=True)]
+            key_columns = [
+                [None if k is None else str(k) for k in column] if text else column
+                for column, text in zip(key_columns, as_text, strict=True)
+            ]
         keys = list(zip(*key_columns, strict=True))
         if not self.timed:  # one row per key (the pipeline's query keeps the latest)
             spans, miss = self.spans, (self.missing_row, 0)
-            return np.fromiter((spans.get(k, miss)[0] for k in keys), dtype=np.int64,
-                               count=count)  # a NULL in a key matches nothing
+            return np.fromiter(
+                (spans.get(k, miss)[0] for k in keys), dtype=np.int64, count=count
+            )  # a NULL in a key matches nothing
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, key in enumerate(keys):
             groups.setdefault(key, []).append(index)
@@ -125,8 +143,14 @@ class ReferenceIndex:
 class RequestTransform:
     """Cleans request rows like `build_cleaning(..., serving=True)` does, without SQL per row."""
 
-    def __init__(self, db: duckdb.DuckDBPyConnection, spec: DatasetSpec, plan: CleaningPlan,
-                 raw_schema: pa.Schema, flat: list[FlatColumn]) -> None:
+    def __init__(
+        self,
+        db: duckdb.DuckDBPyConnection,
+        spec: DatasetSpec,
+        plan: CleaningPlan,
+        raw_schema: pa.Schema,
+        flat: list[FlatColumn],
+    ) -> None:
         self.spec = spec
         self.rules: list[ColumnRule] = plan.primary_rules
         self.raw_schema = raw_schema
@@ -134,14 +158,17 @@ class RequestTransform:
         nested = [c.name for c in flat if c.name != c.origin]
         if nested:
             self.unsupported.append(f"nested primary columns {nested}")
-        self.unsupported += [f"column {r.name!r} ({r.role}, {r.dtype})" for r in self.rules
-                             if not r.applicable]
+        self.unsupported += [
+            f"column {r.name!r} ({r.role}, {r.dtype})" for r in self.rules if not r.applicable
+        ]
         types = {c.name: c.dtype for c in flat}
         for lookup in plan.references:
             for p_col, _, as_text in lookup.keys:
                 if as_text and _base(types.get(p_col, "")) not in _TEXT_KEYS:
-                    self.unsupported.append(f"reference {lookup.name!r} key {p_col!r} compared "
-                                            f"as text from {types.get(p_col)}")
+                    self.unsupported.append(
+                        f"reference {lookup.name!r} key {p_col!r} compared "
+                        f"as text from {types.get(p_col)}"
+                    )
         self.references = [ReferenceIndex(db, lookup) for lookup in plan.references]
         self.time_inputs: list[str] = []
         self.time_direct = False
@@ -152,6 +179,11 @@ class RequestTransform:
             else:
                 words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", spec.time_sql or ""))
                 self.time_inputs = [f.name for f in raw_schema if f.name in words]
+        self.time_compiled: TimeExpression | None = None
+        if spec.has_time and not self.time_direct and spec.time_sql:
+            self.time_compiled = compile_time_expression(
+                spec.time_sql, {n: types[n] for n in self.time_inputs if n in types}
+            )
         self._casts = [f"CAST(? AS {types[n]})" for n in self.time_inputs if n in types]
         self._names = ", ".join(quote(n) for n in self.time_inputs)
         self._db = db
@@ -168,6 +200,21 @@ class RequestTransform:
         if self.time_direct:
             values = inputs.get(self.time_inputs[0], [None] * rows)
             return np.array(values, dtype="datetime64[us]").astype(np.int64)
+        none = [None] * rows
+        nat = np.iinfo(np.int64).min
+        if self.time_compiled is not None:
+            values, null, unsafe = self.time_compiled.evaluate(
+                {n: inputs.get(n, none) for n in self.time_compiled.inputs}
+            )
+            out = np.where(null, nat, values)
+            if unsafe.any():  # DuckDB's own answer (or error) for the rows it must decide
+                at = np.flatnonzero(unsafe).tolist()
+                subset = {n: [inputs.get(n, none)[i] for i in at] for n in self.time_inputs}
+                out[at] = self._times_by_duckdb(subset, len(at))
+            return out
+        return self._times_by_duckdb(inputs, rows)
+
+    def _times_by_duckdb(self, inputs: dict[str, Sequence[Any]], rows: int) -> np.ndarray:
         none = [None] * rows
         keys = list(zip(*[inputs.get(n, none) for n in self.time_inputs], strict=True))
         memo = self._memo
@@ -187,12 +234,17 @@ class RequestTransform:
             rows = ", ".join("(" + ", ".join(self._casts) + ")" for _ in keys)
             values = cursor.execute(
                 f"SELECT {expression} FROM (VALUES {rows}) AS t({self._names})",
-                [value for key in keys for value in key]).fetchall()
+                [value for key in keys for value in key],
+            ).fetchall()
         else:
             fields = [self.raw_schema.field(n) for n in self.time_inputs]
-            table = pa.table([pa.array(list(values), type=f.type)
-                              for f, values in zip(fields, zip(*keys, strict=True), strict=True)],
-                             schema=pa.schema(fields))
+            table = pa.table(
+                [
+                    pa.array(list(values), type=f.type)
+                    for f, values in zip(fields, zip(*keys, strict=True), strict=True)
+                ],
+                schema=pa.schema(fields),
+            )
             cursor.register("__time_input", table)
             try:
                 values = cursor.execute(f"SELECT {expression} FROM __time_input").fetchall()
@@ -204,8 +256,9 @@ class RequestTransform:
             self._memo.update(zip(keys, (v[0] for v in values), strict=True))
 
     # -- rows -------------------------------------------------------------------------------
-    def clean(self, inputs: dict[str, Sequence[Any]], rows: int
-              ) -> tuple[dict[str, Any], np.ndarray]:
+    def clean(
+        self, inputs: dict[str, Sequence[Any]], rows: int
+    ) -> tuple[dict[str, Any], np.ndarray]:
         """Cleaned columns by name (numbers float64 with NaN = NULL, others objects) from the
         request fields' columns (a missing field is NULL), and the rows' `__time` in µs (the
         caller rejects NULL times)."""
