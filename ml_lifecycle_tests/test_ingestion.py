@@ -166,6 +166,65 @@ def test_a_changed_file_replaces_its_rows(tmp_path: Path, conn: duckdb.DuckDBPyC
                         [str(day1)]).fetchall() == [(1,)]
 
 
+# -- many new CSV files: one typed scan, same result as file by file -------------------------
+
+def raw_rows(conn: duckdb.DuckDBPyConnection) -> list[tuple]:
+    return conn.execute(
+        f"SELECT * EXCLUDE (__ingested_at) FROM {TABLE} ORDER BY sale_id").fetchall()
+
+
+def test_many_new_files_at_once_equal_file_by_file(tmp_path: Path) -> None:
+    days = {f"day{d}.csv": csv_rows(*[(d * 10 + i, f"store{i}", d + i / 4) for i in range(3)])
+            for d in range(1, 6)}
+    tables = []
+    for mode in ("together", "one-by-one"):
+        folder = tmp_path / mode
+        spec = sales_spec(folder, "*.csv")
+        with duckdb.connect(str(folder / "w.duckdb")) as conn:
+            for name, text in days.items():
+                write(folder / "landing" / name, text)
+                if mode == "one-by-one":
+                    assert ingest(conn, spec).rows_added == 3
+            if mode == "together":
+                report = ingest(conn, spec)
+                assert (len(report.new_files), report.rows_added) == (5, 15)
+            rows = [(Path(r[3]).name, *r[:3]) for r in raw_rows(conn)]
+            manifest = conn.execute(f"SELECT path, rows FROM {MANIFEST} ORDER BY path").fetchall()
+            tables.append((rows, [(Path(p).name, n) for p, n in manifest],
+                           conn.execute(f"DESCRIBE {TABLE}").fetchall()))
+    assert tables[0] == tables[1]
+    assert tables[0][0][0] == ("day1.csv", 10, "store0", 1.0)
+
+
+def test_a_batch_needing_a_wider_type_is_widened(
+    tmp_path: Path, conn: duckdb.DuckDBPyConnection
+) -> None:
+    write(tmp_path / "landing" / "day1.csv", "sale_id,store,amount\n1,north,2\n")
+    write(tmp_path / "landing" / "day2.csv", "sale_id,store,amount\n2,south,2.5\n")
+
+    report = ingest(conn, sales_spec(tmp_path, "*.csv"))
+
+    assert report.rows_added == 2
+    assert dict((r[0], r[1]) for r in conn.execute(f"DESCRIBE {TABLE}").fetchall())["amount"] \
+        == "DOUBLE"
+    assert rows_by_file(conn) == {"day1.csv": [(1, 2.0)], "day2.csv": [(2, 2.5)]}
+
+
+def test_a_file_with_its_columns_in_another_order_is_read_by_name(
+    tmp_path: Path, conn: duckdb.DuckDBPyConnection
+) -> None:
+    write(tmp_path / "landing" / "day1.csv", csv_rows((1, "north", 1.0)))
+    spec = sales_spec(tmp_path, "*.csv")
+    ingest(conn, spec)
+    write(tmp_path / "landing" / "day2.csv", "amount,sale_id,store\n7.5,2,south\n")
+    write(tmp_path / "landing" / "day3.csv", csv_rows((3, "east", 3.0)))
+
+    assert ingest(conn, spec).rows_added == 2
+
+    assert conn.execute(f"SELECT sale_id, store, amount FROM {TABLE} ORDER BY sale_id"
+                        ).fetchall() == [(1, "north", 1.0), (2, "south", 7.5), (3, "east", 3.0)]
+
+
 # -- bad files: named in the error, nothing written ----------------------------------------
 
 def garbage_parquet(landing: Path) -> tuple[Path, list[str]]:
