@@ -210,8 +210,18 @@ def second_version(served: Served) -> str:
     return _second["version"]
 
 
-def logged(served: Served, request_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Logged prediction lines (all workers' files) for these request ids, by id."""
+def logged(served: Served, request_ids: list[str], wait: float = 5.0) -> dict[str, dict[str, Any]]:
+    """Logged prediction lines (all workers' files) for these request ids, by id; waits up to
+    `wait` seconds for them (the service group-commits its log every 0.25 s)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = _logged_now(served, request_ids)
+        if len(found) == len(set(request_ids)) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def _logged_now(served: Served, request_ids: list[str]) -> dict[str, dict[str, Any]]:
     conn = duckdb.connect()
     relation = read_predictions(served.inference_dir, conn)
     assert relation is not None
@@ -989,14 +999,16 @@ def _worker_pids(server: Server) -> list[int]:
     return [c.pid for c in children if "_bentoml_impl.worker.service" in " ".join(c.cmdline())]
 
 
-def test_a_worker_killed_mid_load_loses_no_acknowledged_prediction(served: Served, server: Server):
+def test_a_worker_killed_mid_load_loses_at_most_the_last_second(served: Served, server: Server):
+    """The service group-commits its prediction log (every 0.25 s): SIGKILL under load loses
+    at most the predictions of the last second, never a torn or duplicated line."""
     workers = _worker_pids(server)
     assert len(workers) == 1, workers
     worker = workers[0]
     log_file = next(served.inference_dir.glob(f"predictions-*-{worker}.jsonl"))
     before = len(log_file.read_bytes().splitlines())
     batch, threads_count = 5, 4
-    acked: list[str] = []
+    acked: list[tuple[float, str]] = []  # (when the answer arrived, request id)
     failed: list[str] = []
     stop = threading.Event()
 
@@ -1012,14 +1024,19 @@ def test_a_worker_killed_mid_load_loses_no_acknowledged_prediction(served: Serve
                 if response.status_code != 200:
                     failed.append(response.text[:200])
                     return
-                acked.extend(a["request_id"] for a in response.json()["predictions"])
+                now = time.monotonic()
+                acked.extend((now, a["request_id"]) for a in response.json()["predictions"])
 
     threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(threads_count)]
     for thread in threads:
         thread.start()
-    wait_until(lambda: len(acked) >= 200, 60, "the load did not start")
+    wait_until(
+        lambda: len(acked) >= 200 and time.monotonic() - acked[0][0] >= 2.0,
+        60,
+        "the load did not start",
+    )
     os.kill(worker, signal.SIGKILL)
-    killed_at = len(acked)
+    killed_at = time.monotonic()
     time.sleep(0.5)
     stop.set()
     for thread in threads:
@@ -1029,13 +1046,16 @@ def test_a_worker_killed_mid_load_loses_no_acknowledged_prediction(served: Serve
     records = [json.loads(line) for line in lines]  # no torn line either
     in_file = {r["request_id"] for r in records}
     assert len(in_file) == len(records)
-    # Every acknowledged prediction is logged exactly once (by the killed worker, or by the
-    # worker BentoML started in its place for requests that waited in the socket's backlog)...
-    assert set(logged(served, acked)) == set(acked)
-    assert set(acked[:killed_at]) <= in_file
-    # ... and at most the requests in flight when it died were logged but never answered.
-    assert len(in_file - set(acked)) <= threads_count * batch
-    assert killed_at >= 200
+    # Every prediction answered more than a second before the kill was logged by that worker.
+    settled = {request_id for when, request_id in acked if when < killed_at - 1.0}
+    assert len(settled) >= 100
+    assert settled <= in_file
+    # At most the requests in flight when it died were logged but never answered.
+    answered = {request_id for _, request_id in acked}
+    assert len(in_file - answered) <= threads_count * batch
+    # Answers from the worker BentoML started in its place are logged too (once each).
+    after = [request_id for when, request_id in acked if when > killed_at]
+    assert set(logged(served, after, wait=10)) == set(after)
 
     # The arbiter survived (BentoML starts a new worker; that takes as long as a start-up, so it
     # is not waited for here).

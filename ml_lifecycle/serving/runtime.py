@@ -46,7 +46,7 @@ from ml_lifecycle.data.features import (
     time_parts,
 )
 from ml_lifecycle.data.sources import quote, sql_literal
-from ml_lifecycle.serving.inference_log import InferenceLog
+from ml_lifecycle.serving.inference_log import InferenceLog, encode_predictions
 from ml_lifecycle.serving.online_store import MemoryOnlineStore, OnlineStore, columns_of
 from ml_lifecycle.serving.snapshot import current_snapshot
 from ml_lifecycle.serving.transform import RequestTransform
@@ -145,6 +145,7 @@ class ServingRuntime:
         snapshot: Path | None = None,
         max_batch: int = 10_000,
         unknown_categories: str | None = None,
+        log_flush_interval: float = 0.0,
     ) -> None:
         self.spec = spec
         # "reject" (400 naming the field) or "score" (as missing, logged: drift sees it).
@@ -183,7 +184,7 @@ class ServingRuntime:
         self.event_fields = self._event_fields(primary)
         self.store = store if store is not None else MemoryOnlineStore()
         self.seeded_events = self._seed_store() if store is None else 0
-        self.log = InferenceLog(log_dir or self.paths.inference)
+        self.log = InferenceLog(log_dir or self.paths.inference, flush_interval=log_flush_interval)
         # ML_LIFECYCLE_INFERENCE_LOG=0 turns the prediction log off (benchmarks measure its cost).
         self.log_predictions = os.environ.get("ML_LIFECYCLE_INFERENCE_LOG", "1").lower() not in (
             "0",
@@ -325,6 +326,7 @@ class ServingRuntime:
 
     def close(self) -> None:
         self._stop.set()
+        self.log.flush()
 
     # -- SQL ------------------------------------------------------------------------------
     def _prepare_matrix(self, model: LoadedModel) -> str:
@@ -487,6 +489,26 @@ class ServingRuntime:
                 inputs, len(records), model, shadow, request_ids, log
             )
             return self._present_all(prediction, model, ids)
+        return self._score_sql(records, model, shadow, request_ids, log)
+
+    def score_fields(
+        self,
+        inputs: dict[str, list[Any]],
+        request_ids: list[str] | None = None,
+        log: bool = True,
+    ) -> list[dict[str, Any]]:
+        """`score` for records given as columns of request fields (equal lengths)."""
+        rows = _rows_of(inputs)
+        self._check_size(rows)
+        model = self.model
+        shadow = self.shadow
+        if self._compiled_for(model, shadow):
+            ids, prediction = self._score_compiled(inputs, rows, model, shadow, request_ids, log)
+            return self._present_all(prediction, model, ids)
+        names = list(inputs)
+        records = [
+            dict(zip(names, values, strict=True)) for values in zip(*inputs.values(), strict=True)
+        ]
         return self._score_sql(records, model, shadow, request_ids, log)
 
     def score_columns(
@@ -687,6 +709,25 @@ class ServingRuntime:
         shadow: LoadedModel | None,
         shadow_prediction: np.ndarray | None,
     ) -> None:
+        # Everything but the timestamp is deferred: under group commit it runs on the log's
+        # flush thread (the columns are this request's own, never modified after scoring).
+        now = self.log.now()
+        self.log.submit(
+            lambda: self._prediction_lines(
+                now, ids, prediction, columns, model, shadow, shadow_prediction
+            )
+        )
+
+    def _prediction_lines(
+        self,
+        now: str,
+        ids: list[str],
+        prediction: np.ndarray,
+        columns: dict[str, Any],
+        model: LoadedModel,
+        shadow: LoadedModel | None,
+        shadow_prediction: np.ndarray | None,
+    ) -> bytes:
         rows = len(ids)
         times = (
             np.datetime_as_string(columns[TIME], unit="us").tolist()
@@ -701,8 +742,9 @@ class ServingRuntime:
             shadows = self._present_columns(shadow_prediction, shadow, ids)
             shadows.pop("request_ids")
         presented = self._present_columns(prediction, model, ids)
-        self.log.write_predictions(
+        return encode_predictions(
             ids,
+            now,
             model.version,
             presented["predictions"],
             times,
