@@ -31,7 +31,7 @@ def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
 @pytest.fixture(params=["arrays", "sql"])
 def implementation(request: pytest.FixtureRequest) -> str:
     """Every behaviour test runs against both implementations of the one definition: the
-    array one the pipeline runs (`aggregate_frame`, read by position) and the SQL reference
+    array one the pipeline runs (`aggregate_frame`, joined by row id) and the SQL reference
     (`aggregate_sql`)."""
     return request.param
 
@@ -58,7 +58,7 @@ def aggregates_of(
         aligned = aggregate_frame(conn, spec)
         assert aligned is not None
         conn.register("__aggregates", aligned)
-        sql = build_features_sql(spec, state, positional_aggregates="__aggregates")
+        sql = build_features_sql(spec, state, aggregates_by_rowid="__aggregates")
     else:
         sql = build_features_sql(spec, state)
     relation = conn.sql(sql)

@@ -159,14 +159,14 @@ def build_data_assets(spec: DatasetSpec) -> list[dg.AssetsDefinition]:
             plan_roles = load_roles(conn, "cleaned")
             previous = load_state(conn)
             state = fit_feature_state(conn, spec, plan_roles, previous=previous)
-            # Aggregates come back as arrays aligned with `cleaned`'s rows (a positional join);
-            # by their SQL definition when that is not possible (rows deleted from `cleaned`).
+            # Aggregates come back as arrays by `cleaned`'s row id (one join); by their SQL
+            # definition when that is not possible (rows deleted from `cleaned`).
             aligned = aggregate_frame(conn, spec) if spec.aggregates else None
             if aligned is not None:
                 conn.register("__aggregates", aligned)
             try:
                 conn.execute("CREATE OR REPLACE TABLE features AS " + build_features_sql(
-                    spec, state, positional_aggregates="__aggregates" if aligned is not None else None))
+                    spec, state, aggregates_by_rowid="__aggregates" if aligned is not None else None))
             finally:
                 if aligned is not None:
                     conn.unregister("__aggregates")

@@ -146,6 +146,11 @@ class CleaningPlan:
     bad_value_sql: str | None = None  # one-row query: rows nulled per column
     prepare_sql: list[str] = field(default_factory=list)  # serving: run once at start
     stats_sql: str = ""
+    # Pipeline: `sql` when `stats_sql` finds no duplicate ids (no dedup window), and the narrow
+    # point-in-time lookups to build first (temp tables `staged_tables`, dropped after).
+    sql_unique: str = ""
+    stage_sql: list[str] = field(default_factory=list)
+    staged_tables: list[str] = field(default_factory=list)
     # Serving: the primary columns' rules, in the order of the statement, and the references.
     primary_rules: list[ColumnRule] = field(default_factory=list)
     references: list[ReferenceLookup] = field(default_factory=list)
@@ -203,6 +208,7 @@ def _check_expression(conn: duckdb.DuckDBPyConnection, where: str, key: str, exp
 
 
 REQUEST_ROW = "__request_row"
+RAW_ROW = "__raw_row"
 
 
 def build_cleaning(
@@ -269,7 +275,8 @@ def build_cleaning(
 
     flat_primary = _flat_view_sql(primary_table, list(primary.values()))
     flat_source = (_flat_view_sql(request_relation, list(primary.values()), [REQUEST_ROW])
-                   if serving else flat_primary)
+                   if serving else _flat_view_sql(primary_table, list(primary.values()),
+                                                  rowid_as=RAW_ROW))
     if spec.time_expression:
         _check_expression(conn, where, "time_expression", spec.time_expression, flat_primary)
     if spec.target_expression:
@@ -353,6 +360,8 @@ def build_cleaning(
     joins: list[str] = []
     ctes: list[str] = []
     prepare: list[str] = []
+    stage: list[str] = []
+    staged: list[str] = []
     lookups: list[ReferenceLookup] = []
     for index, ref in enumerate(spec.references):
         alias = f"r{index}"
@@ -391,12 +400,27 @@ def build_cleaning(
                     window += (f" AND __ref_time >= (SELECT min({TIME}) FROM p) - "
                                f"{duration_sql(ref.max_age)}")
                 ctes.append(f"{alias} AS (SELECT * FROM __ref_{alias} WHERE {window})")
-            else:
-                ctes.append(f"{alias} AS ({body})")
             if not spec.has_time:
                 raise SpecError(f"{where}: references.{ref.name}: a reference with a time needs "
                                 "the dataset's time_column or time_expression")
-            joins.append(f"ASOF LEFT JOIN {alias} ON {on} AND p.{TIME} >= {alias}.__ref_time")
+            if serving:
+                joins.append(f"ASOF LEFT JOIN {alias} ON {on} AND p.{TIME} >= {alias}.__ref_time")
+            else:
+                # The as-of match runs on narrow rows (raw row id, keys, time) into a temp table;
+                # the wide statement then joins it by row id: an ASOF join carrying every
+                # column sorts them all.
+                rows, matches = f"__stage_{alias}_rows", f"__stage_{alias}_match"
+                staged += [matches, rows]
+                stage.append(f"CREATE OR REPLACE TEMP TABLE {rows} AS SELECT "
+                             f"row_number() OVER () AS __ref_row, * FROM ({body})")
+                narrow_keys = ", ".join(quote(p_col) for p_col, _ in keys)
+                stage.append(
+                    f"CREATE OR REPLACE TEMP TABLE {matches} AS SELECT p.{RAW_ROW}, "
+                    f"{alias}.__ref_row FROM (SELECT {RAW_ROW}, {narrow_keys}, {TIME} FROM "
+                    f"(SELECT *, {time_sql} AS {TIME} FROM {flat_source}) WHERE {TIME} IS NOT NULL"
+                    f") p ASOF JOIN {rows} {alias} ON {on} AND p.{TIME} >= {alias}.__ref_time")
+                joins.append(f"LEFT JOIN {matches} m{index} ON m{index}.{RAW_ROW} = p.{RAW_ROW} "
+                             f"LEFT JOIN {rows} {alias} ON {alias}.__ref_row = m{index}.__ref_row")
         else:
             body = (f"SELECT {', '.join(key_select + value_select)} FROM {quote(table)} "
                     f"QUALIFY row_number() OVER (PARTITION BY {partition} {order}) = 1")
@@ -453,15 +477,17 @@ def build_cleaning(
         f"QUALIFY row_number() OVER (PARTITION BY {partition} "
         f"ORDER BY {INGESTED_AT} DESC, {SOURCE_FILE} DESC) = 1)"
     )
-    order_by = f" ORDER BY p.{TIME}" if spec.has_time else ""
+    unique = f"p AS ({with_aggs} {time_filter})"
+    # No ORDER BY in the pipeline: sorting every wide row by time was a third of the step and
+    # nothing downstream depends on storage order (training orders its own rows).
+    order_by = ""
     if serving:
-        dedup = f"p AS ({with_aggs})"
+        dedup = unique = f"p AS ({with_aggs})"
         select.append(f"p.{REQUEST_ROW}")
         order_by = f" ORDER BY p.{REQUEST_ROW}"
-    sql = (
-        f"WITH {', '.join([dedup, *ctes])} SELECT {', '.join(select)} "
-        f"FROM p {' '.join(joins)}{order_by}"
-    )
+    body = f" SELECT {', '.join(select)} FROM p {' '.join(joins)}{order_by}"
+    sql = f"WITH {', '.join([dedup, *ctes])}{body}"
+    sql_unique = f"WITH {', '.join([unique, *ctes])}{body}"
     stats = (
         f"SELECT count(*) AS rows_in, "
         f"count(*) FILTER (WHERE {TIME} IS NULL) AS rows_without_time, "
@@ -472,12 +498,16 @@ def build_cleaning(
                if bad_value_checks else None)
     return CleaningPlan(sql=sql, roles=roles, lineage=lineage, bad_value_sql=bad_sql,
                         stats_sql=stats, prepare_sql=prepare, primary_rules=primary_rules,
-                        references=lookups)
+                        references=lookups, sql_unique=sql_unique, stage_sql=stage,
+                        staged_tables=staged)
 
 
-def _flat_view_sql(table: str, columns: list[FlatColumn], extra: list[str] | None = None) -> str:
+def _flat_view_sql(table: str, columns: list[FlatColumn], extra: list[str] | None = None,
+                   rowid_as: str | None = None) -> str:
     parts = [f"{c.expr} AS {quote(c.name)}" for c in columns]
     parts += [quote(c) for c in [*LINEAGE_COLUMNS, *(extra or [])]]
+    if rowid_as:
+        parts.append(f"rowid AS {rowid_as}")
     return f"(SELECT {', '.join(parts)} FROM {quote(table)})"
 
 
@@ -519,11 +549,18 @@ def clean(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec, table: str = "clea
         row = conn.sql(plan.bad_value_sql)
         values = row.fetchall()[0]
         nulled = {c: int(v) for c, v in zip(row.columns, values, strict=True) if v}
+    # Ids are unique in most loads: then the statement has no dedup window at all.
+    sql = plan.sql_unique if int(rows_in) - int(no_time) == int(distinct) else plan.sql
     try:
-        conn.execute(f"CREATE OR REPLACE TABLE {quote(table)} AS {plan.sql}")
+        for statement in plan.stage_sql:
+            conn.execute(statement)
+        conn.execute(f"CREATE OR REPLACE TABLE {quote(table)} AS {sql}")
     except duckdb.ConversionException as error:
         raise SpecError(f"dataset spec {spec.spec_path}: cleaning failed: "
                         f"{str(error).splitlines()[0]}") from None
+    finally:
+        for staged in plan.staged_tables:
+            conn.execute(f"DROP TABLE IF EXISTS {staged}")
     save_roles(conn, table, plan.roles)
     rows_out, unlabelled = conn.execute(
         f"SELECT count(*), count(*) FILTER (WHERE {TARGET} IS NULL) FROM {quote(table)}"

@@ -367,11 +367,11 @@ def save_state(conn: duckdb.DuckDBPyConnection, state: FeatureState) -> None:
 
 
 def build_features_sql(spec: DatasetSpec, state: FeatureState, table: str = "cleaned",
-                       positional_aggregates: str | None = None) -> str:
+                       aggregates_by_rowid: str | None = None) -> str:
     """The statement that builds the features table from the cleaned table.
 
-    `positional_aggregates` names a relation holding every aggregate column for every row of
-    `table` in storage order (`aggregates.aggregate_frame`), read with a POSITIONAL JOIN;
+    `aggregates_by_rowid` names a relation holding every aggregate column for every row of
+    `table` and the row's `__rowid` (`aggregates.aggregate_frame`), joined on `rowid`;
     without it the aggregates are computed inline by their SQL definition (`aggregate_sql`).
     """
     head = [f"c.{quote(i)}" for i in spec.id_columns if i not in state.categories]
@@ -380,8 +380,8 @@ def build_features_sql(spec: DatasetSpec, state: FeatureState, table: str = "cle
     sources: dict[str, str] = {}
     ctes: list[str] = []
     joins: list[str] = []
-    if positional_aggregates is not None:
-        joins.append(f"POSITIONAL JOIN {quote(positional_aggregates)} AS p")
+    if aggregates_by_rowid is not None:
+        joins.append(f"LEFT JOIN {quote(aggregates_by_rowid)} AS p ON p.__rowid = c.rowid")
         sources = {name: f"p.{quote(name)}" for aggregate in spec.aggregates
                    for name in aggregate.output_columns()}
     else:
@@ -392,8 +392,7 @@ def build_features_sql(spec: DatasetSpec, state: FeatureState, table: str = "cle
                             for name in aggregate.output_columns()})
     items = feature_select_sql(state, "c", sources)
     with_clause = f"WITH {', '.join(ctes)} " if ctes else ""
-    # No ORDER BY: `cleaned` is stored in time order and the joins keep it roughly so, while
-    # sorting the wide result cost 4x the rest of the statement at 3.4M rows; readers that need
-    # an order (training splits) ask for it.
+    # No ORDER BY: sorting the wide result cost 4x the rest of the statement at 3.4M rows;
+    # readers that need an order (training splits) ask for it.
     return (f"{with_clause}SELECT {', '.join(head + items)} FROM {quote(table)} AS c "
             f"{' '.join(joins)}")
