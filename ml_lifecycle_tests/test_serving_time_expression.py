@@ -186,3 +186,22 @@ def test_ordinary_rows_never_leave_the_compiled_path():
 @pytest.mark.parametrize("expression", UNSUPPORTED)
 def test_expressions_outside_the_subset_are_left_to_duckdb(expression: str):
     assert compile_time_expression(expression, TYPES) is None
+
+
+@pytest.mark.parametrize("expression", EXPRESSIONS)
+def test_single_row_path_agrees_with_the_columns_path(expression: str):
+    """One request row is evaluated in plain Python (`evaluate_one`): on every row it gives
+    the columns path's value, NULL or hand-over to DuckDB."""
+    compiled = compile_time_expression(expression, TYPES)
+    assert compiled is not None
+    columns = _rows(2000, seed=len(expression) + 1)
+    values, null, unsafe = compiled.evaluate({n: columns[n] for n in compiled.inputs})
+    problems = []
+    for index in range(len(values)):
+        got = compiled.evaluate_one({n: columns[n][index] for n in compiled.inputs})
+        want = (
+            (None, True) if unsafe[index] else (None if null[index] else int(values[index]), False)
+        )
+        if got != want:
+            problems.append((index, {n: columns[n][index] for n in compiled.inputs}, got, want))
+    assert not problems, problems[:5]

@@ -15,9 +15,13 @@ always DuckDB's own result and DuckDB's errors still reach the client.
 
 from __future__ import annotations
 
+import calendar
+import math
+import operator
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
 
 import numpy as np
 
@@ -63,9 +67,6 @@ class Value:
     null: np.ndarray
     unsafe: np.ndarray
     wide: bool = False  # an integer of 64 bits (BIGINT) rather than 32 (INTEGER)
-
-
-Node = Callable[[dict[str, Value]], Value]
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
@@ -293,53 +294,39 @@ class _Parser:
         self.at += 1
         return token
 
-    def parse(self) -> Node:
+    def parse(self) -> _Node:
         node = self.expression()
         if self.peek()[0] != "end":
             raise Unsupported(f"unexpected {self.peek()[1]!r}")
         return node
 
-    def expression(self) -> Node:
+    def expression(self) -> _Node:
         node = self.term()
         while self.peek() in (("op", "+"), ("op", "-")):
             op = self.take()[1]
-            node = _binary(op, node, self.term())
+            node = _Binary(op, node, self.term())
         return node
 
-    def term(self) -> Node:
+    def term(self) -> _Node:
         node = self.unary()
         while self.peek() in (("op", "*"), ("op", "/"), ("op", "//"), ("op", "%")):
             op = self.take()[1]
-            node = _binary(op, node, self.unary())
+            node = _Binary(op, node, self.unary())
         return node
 
-    def unary(self) -> Node:
+    def unary(self) -> _Node:
         if self.peek() == ("op", "-"):
             self.take()
-            inner = self.unary()
-
-            def negate(env: dict[str, Value], inner: Node = inner) -> Value:
-                value = inner(env)
-                if value.kind not in ("int", "float", "interval"):
-                    raise Unsupported(f"-{value.kind}")
-                limit = _INT64 if value.wide else _INT32
-                return _combine(
-                    value.kind,
-                    -value.values,
-                    value,
-                    unsafe=_too_big(value.values, limit) if value.kind == "int" else None,
-                )
-
-            return self.postfix(negate)
+            return self.postfix(_Negate(self.unary()))
         if self.peek() == ("op", "+"):
             self.take()
             return self.unary()
         return self.postfix(self.primary())
 
-    def postfix(self, node: Node) -> Node:
+    def postfix(self, node: _Node) -> _Node:
         while self.peek() == ("op", "::"):
             self.take()
-            node = _cast_node(node, self.type_name())
+            node = _Cast(node, self.type_name())
         return node
 
     def type_name(self) -> str:
@@ -348,15 +335,15 @@ class _Parser:
             raise Unsupported(f"type {name!r}")
         return name
 
-    def primary(self) -> Node:
+    def primary(self) -> _Node:
         kind, text = self.take()
         if kind == "number":
             if re.fullmatch(r"\d+", text):
                 number = int(text)
                 if number >= _INT32:
                     raise Unsupported(f"literal {text}")
-                return _constant("int", number)
-            return _constant("float", float(text))
+                return _Constant("int", number)
+            return _Constant("float", float(text))
         if kind == "op" and text == "(":
             node = self.expression()
             self.take(")")
@@ -367,28 +354,28 @@ class _Parser:
             self.take("AS")
             target = self.type_name()
             self.take(")")
-            return _cast_node(inner, target)
+            return _Cast(inner, target)
         if kind == "name" and text.upper() == "INTERVAL":
             return self.interval()
         if kind == "name" and self.peek() == ("op", "("):
             self.take()
-            args: list[Node] = []
+            args: list[_Node] = []
             if self.peek() != ("op", ")"):
                 args.append(self.expression())
                 while self.peek() == ("op", ","):
                     self.take()
                     args.append(self.expression())
             self.take(")")
-            return _call(text.lower(), args)
+            return _Call(text.lower(), args)
         if kind in ("name", "column"):
             if text not in self.columns:
                 raise Unsupported(f"name {text!r}")
             if text not in self.used:
                 self.used.append(text)
-            return lambda env, name=text: env[name]
+            return _Column(text)
         raise Unsupported(f"unexpected {text!r}")
 
-    def interval(self) -> Node:
+    def interval(self) -> _Node:
         kind, text = self.take()
         if kind == "string":
             parts = text.split()
@@ -405,30 +392,223 @@ class _Parser:
         unit = unit.lower().removesuffix("s")
         if unit not in _US or not re.fullmatch(r"-?\d+", amount):
             raise Unsupported(f"INTERVAL {amount} {unit}")
-        return _constant("interval", int(amount) * _US[unit])
+        return _Constant("interval", int(amount) * _US[unit])
 
 
-def _constant(kind: str, number: float) -> Node:
-    dtype = np.float64 if kind == "float" else np.int64
+class _Defer(Exception):
+    """A single row the compiled path does not vouch for: DuckDB evaluates it."""
 
-    def node(env: dict[str, Value]) -> Value:
+
+def _big(value: float, limit: int = _INT32) -> bool:
+    return not abs(float(value)) < limit
+
+
+def _scalar_timestamp(micros: int) -> int:
+    if not _MIN_DAY <= micros // _DAY_US <= _MAX_DAY:
+        raise _Defer
+    return micros
+
+
+def _scalar_days(year: int, month: int, day: int) -> int:
+    if _big(year) or not (1 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= 31):
+        raise _Defer
+    if day > calendar.monthrange(year, month)[1]:
+        raise _Defer
+    return date(year, month, 1).toordinal() - _EPOCH_ORDINAL + day - 1
+
+
+class _Node:
+    """An expression node: `__call__` evaluates columns (numpy), `scalar` one row (Python).
+
+    Both apply the same rules; `kind` and `wide` are the node's static type, recorded when
+    the compiler evaluates the expression once on a sample row."""
+
+    kind = ""
+    wide = False
+
+    def __call__(self, env: dict[str, Value]) -> Value:
+        value = self.vector(env)
+        self.kind, self.wide = value.kind, value.wide
+        return value
+
+    def vector(self, env: dict[str, Value]) -> Value:
+        raise NotImplementedError
+
+    def scalar(self, row: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+class _Column(_Node):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def vector(self, env: dict[str, Value]) -> Value:
+        return env[self.name]
+
+    def scalar(self, row: dict[str, Any]) -> Any:
+        return row[self.name]
+
+
+class _Constant(_Node):
+    def __init__(self, kind: str, number: float) -> None:
+        self.constant_kind = kind
+        self.number = number
+
+    def vector(self, env: dict[str, Value]) -> Value:
         rows = len(next(iter(env.values())).values) if env else 1
+        dtype = np.float64 if self.constant_kind == "float" else np.int64
         empty = np.zeros(rows, dtype=bool)
-        return Value(kind, np.full(rows, number, dtype=dtype), empty, empty.copy())
+        return Value(
+            self.constant_kind, np.full(rows, self.number, dtype=dtype), empty, empty.copy()
+        )
 
-    return node
-
-
-def _binary(op: str, left: Node, right: Node) -> Node:
-    return lambda env: _arithmetic(op, left(env), right(env))
-
-
-def _cast_node(inner: Node, target: str) -> Node:
-    return lambda env: _cast(inner(env), target)
+    def scalar(self, row: dict[str, Any]) -> Any:
+        return self.number
 
 
-def _call(name: str, args: list[Node]) -> Node:
-    return lambda env: _function(name, [a(env) for a in args], 0)
+class _Binary(_Node):
+    def __init__(self, op: str, left: _Node, right: _Node) -> None:
+        self.op, self.left, self.right = op, left, right
+
+    def vector(self, env: dict[str, Value]) -> Value:
+        return _arithmetic(self.op, self.left(env), self.right(env))
+
+    def scalar(self, row: dict[str, Any]) -> Any:
+        op = self.op
+        a, b = self.left.scalar(row), self.right.scalar(row)
+        left, right = self.left.kind, self.right.kind
+        if a is None or b is None:
+            return None
+        if left == right == "int":
+            limit = _INT64 if self.left.wide or self.right.wide else _INT32
+            if op == "/":
+                if b == 0:
+                    raise _Defer
+                return float(a) / float(b)
+            if op in ("//", "%"):
+                if b == 0 or _big(a, limit) or _big(b, limit):
+                    raise _Defer
+                quotient = abs(a) // abs(b)
+                if (a < 0) != (b < 0):
+                    quotient = -quotient
+                return quotient if op == "//" else a - quotient * b
+            exact = _PYTHON_OPS[op](float(a), float(b))
+            if _big(a, limit) or _big(b, limit) or _big(exact, limit):
+                raise _Defer
+            return _PYTHON_OPS[op](a, b)
+        if left in ("int", "float") and right in ("int", "float"):
+            x, y = float(a), float(b)
+            if op == "/" and y == 0:
+                raise _Defer
+            out = x / y if op == "/" else _PYTHON_OPS[op](x, y)
+            if not math.isfinite(out):
+                raise _Defer
+            return out
+        if left == "interval" and right in ("date", "timestamp"):
+            a, b, left = b, a, right
+        if left in ("date", "timestamp"):
+            base = a * _DAY_US if left == "date" else a
+            return _scalar_timestamp(base + b if op == "+" else base - b)
+        total = a + b  # interval + interval
+        if _big(total, _INT64):
+            raise _Defer
+        return total
+
+
+class _Negate(_Node):
+    def __init__(self, inner: _Node) -> None:
+        self.inner = inner
+
+    def vector(self, env: dict[str, Value]) -> Value:
+        value = self.inner(env)
+        if value.kind not in ("int", "float", "interval"):
+            raise Unsupported(f"-{value.kind}")
+        limit = _INT64 if value.wide else _INT32
+        return _combine(
+            value.kind,
+            -value.values,
+            value,
+            unsafe=_too_big(value.values, limit) if value.kind == "int" else None,
+        )
+
+    def scalar(self, row: dict[str, Any]) -> Any:
+        value = self.inner.scalar(row)
+        if value is None:
+            return None
+        if self.kind == "int" and _big(value, _INT64 if self.inner.wide else _INT32):
+            raise _Defer
+        return -value
+
+
+class _Cast(_Node):
+    def __init__(self, inner: _Node, target: str) -> None:
+        self.inner, self.target = inner, target.upper()
+
+    def vector(self, env: dict[str, Value]) -> Value:
+        return _cast(self.inner(env), self.target)
+
+    def scalar(self, row: dict[str, Any]) -> Any:
+        value = self.inner.scalar(row)
+        if value is None:
+            return None
+        source, target = self.inner.kind, self.target
+        if target in ("TIMESTAMP", "DATETIME"):
+            return value if source == "timestamp" else value * _DAY_US
+        if target == "DATE":
+            return value if source == "date" else value // _DAY_US
+        if target in _INTEGERS:
+            limit = _INT64 if target in _WIDE else _INT32
+            if source == "float" and not (math.isfinite(value) and value == math.floor(value)):
+                raise _Defer
+            if _big(value, limit):
+                raise _Defer
+            return int(value)
+        if _big(value, 2**53):  # to DOUBLE
+            raise _Defer
+        return float(value)
+
+
+class _Call(_Node):
+    def __init__(self, name: str, args: list[_Node]) -> None:
+        self.name, self.args = name, args
+
+    def vector(self, env: dict[str, Value]) -> Value:
+        return _function(self.name, [a(env) for a in self.args], 0)
+
+    def scalar(self, row: dict[str, Any]) -> Any:
+        values = [a.scalar(row) for a in self.args]
+        if any(v is None for v in values):
+            return None
+        name = self.name
+        if name == "make_date":
+            return _scalar_days(*values)
+        if name == "make_timestamp" and len(values) == 1:
+            return _scalar_timestamp(values[0])
+        if name == "make_timestamp":
+            year, month, day, hour, minute, second = values
+            days = _scalar_days(year, month, day)
+            micros = float(second) * 1e6
+            if not (
+                0 <= hour <= 23
+                and 0 <= minute <= 59
+                and math.isfinite(micros)
+                and micros == math.floor(micros)
+                and 0 <= micros < 60e6
+            ):
+                raise _Defer
+            return _scalar_timestamp(
+                days * _DAY_US + hour * _US["hour"] + minute * _US["minute"] + int(micros)
+            )
+        unit = _US[name.removeprefix("to_").removesuffix("s")]  # to_<unit>
+        if _big(float(values[0]) * unit, _INT64):
+            raise _Defer
+        return values[0] * unit
+
+
+_PYTHON_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_EPOCH = datetime(1970, 1, 1)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 _KINDS = {
@@ -445,7 +625,7 @@ _KINDS = {
 class TimeExpression:
     """`epoch_us(CAST((expression) AS TIMESTAMP))` over request columns, in numpy."""
 
-    def __init__(self, text: str, root: Node, inputs: list[str], kinds: dict[str, str]) -> None:
+    def __init__(self, text: str, root: _Node, inputs: list[str], kinds: dict[str, str]) -> None:
         self.text = text
         self.root = root
         self.inputs = inputs
@@ -457,7 +637,7 @@ class TimeExpression:
         unsafe = np.zeros(len(values), dtype=bool)
         if kind == "float":
             array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-            null |= np.isnan(array)
+            unsafe |= np.isnan(array) & ~null  # a DOUBLE NaN is not NULL: DuckDB's business
             return Value(kind, array, null, unsafe)
         if kind in ("date", "timestamp"):
             unit = "D" if kind == "date" else "us"
@@ -475,6 +655,33 @@ class TimeExpression:
         elif result.kind != "timestamp":
             raise Unsupported(f"the expression gives {result.kind}, not a date or timestamp")
         return result.values, result.null, result.unsafe
+
+    def evaluate_one(self, values: dict[str, Any]) -> tuple[int | None, bool]:
+        """(epoch µs or None for NULL, unsafe) of one row, in plain Python: the same rules as
+        `evaluate` without numpy's per-call set-up (~10x faster for a single request)."""
+        row: dict[str, Any] = {}
+        try:
+            for name in self.inputs:
+                value = values.get(name)
+                kind = self.kinds[name]
+                if value is None:
+                    row[name] = None
+                elif kind == "float":
+                    row[name] = float(value)
+                    if math.isnan(row[name]):
+                        raise _Defer
+                elif kind == "date":
+                    row[name] = value.toordinal() - _EPOCH_ORDINAL
+                elif kind == "timestamp":
+                    row[name] = (value - _EPOCH) // _MICROSECOND
+                else:
+                    row[name] = int(value)
+            result = self.root.scalar(row)
+        except _Defer:
+            return None, True
+        if result is not None and self.root.kind == "date":
+            result *= _DAY_US
+        return result, False
 
 
 def compile_time_expression(text: str, column_types: dict[str, str]) -> TimeExpression | None:

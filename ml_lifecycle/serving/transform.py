@@ -202,6 +202,13 @@ class RequestTransform:
             return np.array(values, dtype="datetime64[us]").astype(np.int64)
         none = [None] * rows
         nat = np.iinfo(np.int64).min
+        if self.time_compiled is not None and rows == 1:
+            value, unsafe_one = self.time_compiled.evaluate_one(
+                {n: inputs.get(n, none)[0] for n in self.time_compiled.inputs}
+            )
+            if not unsafe_one:
+                return np.array([nat if value is None else value], dtype=np.int64)
+            return self._times_by_duckdb(inputs, rows)
         if self.time_compiled is not None:
             values, null, unsafe = self.time_compiled.evaluate(
                 {n: inputs.get(n, none) for n in self.time_compiled.inputs}
