@@ -358,3 +358,29 @@ def test_the_check_loads_only_the_columns_its_suite_reads() -> None:
     # A table-level expectation about the columns themselves needs all of them.
     assert columns_needed(suite({"type": "expect_table_columns_to_match_set",
                                  "column_set": ["id"]}), columns) == list(columns)
+
+
+def test_a_table_is_validated_with_column_checks_on_its_schema_and_values_on_its_rows() -> None:
+    import duckdb
+
+    from ml_lifecycle.data.validation import validate_table
+    from ml_lifecycle.spec import Expectation
+
+    conn = duckdb.connect()
+    conn.execute("CREATE TABLE t AS SELECT range AS id, range % 3 AS a, 'x' AS b FROM range(10)")
+    columns = {"id": "BIGINT", "a": "BIGINT", "b": "VARCHAR"}
+    suite = [(Expectation(**e), "spec") for e in (
+        {"type": "expect_column_to_exist", "column": "b"},
+        {"type": "expect_column_values_to_be_between", "column": "a", "min_value": 0,
+         "max_value": 1},
+        {"type": "expect_column_to_exist", "column": "missing"},
+        {"type": "expect_table_row_count_to_be_between", "min_value": 10, "max_value": 10},
+        {"type": "expect_table_columns_to_match_set", "column_set": ["id", "a", "b"]},
+    )]
+
+    outcome = validate_table(conn, "t", suite, columns)
+
+    assert outcome.row_count == 10
+    assert [r.type for r in outcome.results] == [e.type for e, _ in suite]
+    assert [r.success for r in outcome.results] == [True, False, False, True, True]
+    assert outcome.results[1].unexpected_count == 3  # a = 2 on rows 2, 5, 8

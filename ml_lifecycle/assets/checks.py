@@ -3,8 +3,7 @@
 import dagster as dg
 
 from ml_lifecycle.data.ingestion import table_columns
-from ml_lifecycle.data.sources import quote
-from ml_lifecycle.data.validation import columns_needed, expectations_for, validate_frame
+from ml_lifecycle.data.validation import expectations_for, validate_table
 from ml_lifecycle.resources import Warehouse
 from ml_lifecycle.spec import DatasetSpec
 
@@ -29,9 +28,7 @@ def _check(spec: DatasetSpec, table: str) -> dg.AssetChecksDefinition:
             columns = table_columns(conn, table)
             expectations = expectations_for(spec, table, columns)
             # Only the columns the suite reads: the frame is a pandas copy (GX's engine).
-            needed = ", ".join(quote(c) for c in columns_needed(expectations, columns))
-            frame = conn.sql(f"SELECT {needed} FROM {quote(table)}").df()
-        outcome = validate_frame(frame, table, expectations)
+            outcome = validate_table(conn, table, expectations, columns)
         failed = outcome.failed_errors + outcome.failed_warnings
         return dg.AssetCheckResult(
             passed=not failed,

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ml_lifecycle.spec import TARGET, TIME, DatasetSpec, Expectation, SpecError
 
 if TYPE_CHECKING:
+    import duckdb
     import pandas
 
 Severity = Literal["error", "warn"]
@@ -513,6 +514,48 @@ def validate_frame(
         gx_result = by_index.get(representative[i])
         results.append(_result(exp, origin, gx_result))
     return ValidationOutcome(table=table, row_count=len(frame), results=results)
+
+
+# Expectations about the table's columns, not its values: GX checks them on a frame with the
+# table's columns and no rows, so a suite naming every column does not load every column.
+SCHEMA_ONLY = {"expect_column_to_exist", "expect_table_columns_to_match_set",
+               "expect_table_columns_to_match_ordered_list", "expect_table_column_count_to_equal",
+               "expect_table_column_count_to_be_between"}
+
+
+def validate_table(
+    conn: duckdb.DuckDBPyConnection, table: str, expectations: list[tuple[Expectation, str]],
+    columns: dict[str, str],
+) -> ValidationOutcome:
+    """Validate the DuckDB table `table` (columns -> types `columns`): the expectations about
+    its columns on an empty frame of all of them, the others on a pandas copy of only the
+    columns they read. Results come back in the order of `expectations`."""
+    schema = [i for i, (e, _) in enumerate(expectations) if e.type in SCHEMA_ONLY]
+    data = [i for i in range(len(expectations)) if i not in set(schema)]
+    results: dict[int, ExpectationResult] = {}
+    row_count = None
+    for indexes, empty in ((schema, True), (data, False)):
+        if not indexes:
+            continue
+        chosen = [expectations[i] for i in indexes]
+        if empty:
+            frame = conn.sql(f"SELECT * FROM {_quote(table)} LIMIT 0").df()
+        else:
+            needed = ", ".join(_quote(c) for c in columns_needed(chosen, columns))
+            frame = conn.sql(f"SELECT {needed} FROM {_quote(table)}").df()
+        outcome = validate_frame(frame, table, chosen)
+        if not empty:
+            row_count = outcome.row_count
+        del frame
+        results.update(zip(indexes, outcome.results, strict=True))
+    if row_count is None:
+        row_count = int(conn.execute(f"SELECT count(*) FROM {_quote(table)}").fetchall()[0][0])
+    return ValidationOutcome(table=table, row_count=row_count,
+                             results=[results[i] for i in range(len(expectations))])
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _forget_frame(state: dict[str, Any]) -> None:
