@@ -156,6 +156,7 @@ class InferenceLog:
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
+        self.flushing = False  # encoding on the flush thread (it has a core)
         if flush_interval > 0:
             self._flusher = threading.Thread(
                 target=self._flush_every, daemon=True, name="inference-log-flush"
@@ -181,13 +182,19 @@ class InferenceLog:
             with self._pending_lock:
                 pending, self._pending = self._pending, []
             chunks = []
-            for encode in pending:
-                try:
-                    chunks.append(encode())
-                except Exception:  # one bad batch must not stop the log
-                    logging.getLogger(__name__).exception("inference log: a batch failed to encode")
-            if chunks:
-                self.predictions.write_bytes(b"".join(chunks))
+            self.flushing = bool(pending)
+            try:
+                for encode in pending:
+                    try:
+                        chunks.append(encode())
+                    except Exception:  # one bad batch must not stop the log
+                        logging.getLogger(__name__).exception(
+                            "inference log: a batch failed to encode"
+                        )
+                if chunks:
+                    self.predictions.write_bytes(b"".join(chunks))
+            finally:
+                self.flushing = False
 
     def _flush_every(self) -> None:
         while not self._stop.wait(self.flush_interval):

@@ -179,6 +179,8 @@ class ServingRuntime:
             )
             self.transform = None if transform.unsupported else transform
         self._models_prepared = 0
+        self._predicting = 0  # predictions in flight (threads per prediction: see _predict)
+        self._predicting_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self.fields = self._request_fields(primary)
         self.event_fields = self._event_fields(primary)
@@ -643,14 +645,21 @@ class ServingRuntime:
             self._log_compiled(ids, prediction, columns, model, shadow, shadow_prediction)
         return ids, prediction
 
-    @staticmethod
-    def _predict(model: LoadedModel, columns: dict[str, Any], rows: int) -> np.ndarray:
+    def _predict(self, model: LoadedModel, columns: dict[str, Any], rows: int) -> np.ndarray:
         assert model.encoder is not None
         matrix = model.encoder.matrix(columns, rows)
-        # One thread for small requests: waking OpenMP workers costs more than the trees, and
-        # a busy core stalls the whole call.
-        extra = {"num_threads": 1} if rows < _THREADED_FROM else {}
-        return np.asarray(model.booster.predict(matrix, **extra))
+        with self._predicting_lock:
+            self._predicting += 1
+            alone = self._predicting == 1 and not self.log.flushing
+        try:
+            # One thread for small requests (waking OpenMP workers costs more than the trees)
+            # and whenever another prediction or the log's flush has a core: OpenMP splits the
+            # rows evenly, so a busy core stalls the whole call (2x slower, not 1x).
+            extra = {} if rows >= _THREADED_FROM and alone else {"num_threads": 1}
+            return np.asarray(model.booster.predict(matrix, **extra))
+        finally:
+            with self._predicting_lock:
+                self._predicting -= 1
 
     def _present_all(
         self, prediction: np.ndarray, model: LoadedModel, ids: list[str]

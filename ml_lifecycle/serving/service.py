@@ -13,6 +13,7 @@ POST /labels ({"labels": [{"request_id": ..., "label": ...}]}), POST /model (wha
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import date, datetime
 from typing import Annotated, Any
@@ -247,8 +248,10 @@ class Predictor:
     def __init__(self) -> None:
         self.runtime = RUNTIME
 
-    # Scoring is CPU-bound and short (no I/O to wait for): `async` runs it on the event loop,
-    # without the thread-pool hand-off a sync API pays on every request (~1-3 ms here).
+    # One record: CPU-bound and short, so `async` runs it on the event loop without the
+    # thread-pool hand-off a sync API pays per request (~1-3 ms under load). Batches are sync:
+    # in BentoML's thread pool two batches overlap where they release the GIL (LightGBM,
+    # Polars, numpy), which the event loop would serialise.
     @bentoml.api(route="/predict")
     async def predict(self, record: Record, /) -> dict[str, Any]:  # type: ignore[valid-type]
         """Score one record (the fields known at request time); the answer names the model."""
@@ -258,7 +261,7 @@ class Predictor:
             raise InvalidArgument(str(error)) from None
 
     @bentoml.api(route="/predict_batch")
-    async def predict_batch(self, batch: Batch, /) -> dict[str, Any]:
+    def predict_batch(self, batch: Batch, /) -> dict[str, Any]:
         """Score many records at once (1 to ML_LIFECYCLE_MAX_BATCH)."""
         try:
             return {"predictions": self.runtime.score_fields(VALIDATOR.records(batch.records))}
@@ -266,7 +269,7 @@ class Predictor:
             raise InvalidArgument(str(error)) from None
 
     @bentoml.api(route="/predict_columns")
-    async def predict_columns(self, batch: ColumnBatch, /) -> dict[str, Any]:
+    def predict_columns(self, batch: ColumnBatch, /) -> dict[str, Any]:
         """Score a batch sent as one list per field; answers {model_version, request_ids,
         predictions, labels|probabilities} as lists in the same order."""
         try:
@@ -297,3 +300,6 @@ class Predictor:
 
 
 Predictor.add_asgi_middleware(JsonOnly)
+# The runtime's start-up objects (reference indexes, online-store keys) live as long as the
+# worker: frozen, the collector's full passes stop walking them between requests.
+gc.freeze()
