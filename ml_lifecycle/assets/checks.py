@@ -3,7 +3,7 @@
 import dagster as dg
 
 from ml_lifecycle.data.ingestion import table_columns
-from ml_lifecycle.data.validation import expectations_for, validate_table
+from ml_lifecycle.data.validation import expectations_for, load_frames, validate_frames
 from ml_lifecycle.resources import Warehouse
 from ml_lifecycle.spec import DatasetSpec
 
@@ -28,7 +28,8 @@ def _check(spec: DatasetSpec, table: str) -> dg.AssetChecksDefinition:
             columns = table_columns(conn, table)
             expectations = expectations_for(spec, table, columns)
             # Only the columns the suite reads: the frame is a pandas copy (GX's engine).
-            outcome = validate_table(conn, table, expectations, columns)
+            frames = load_frames(conn, table, expectations, columns)
+        outcome = validate_frames(frames, expectations)
         failed = outcome.failed_errors + outcome.failed_warnings
         return dg.AssetCheckResult(
             passed=not failed,

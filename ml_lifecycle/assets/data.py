@@ -20,7 +20,7 @@ from ml_lifecycle.data.features import (
 from ml_lifecycle.data.ingestion import ingest_files, ingest_sql_table
 from ml_lifecycle.data.landing import ensure_landing
 from ml_lifecycle.data.sources import list_files, quote
-from ml_lifecycle.resources import Warehouse
+from ml_lifecycle.resources import Warehouse, duckdb_buffers_released
 from ml_lifecycle.spec import TARGET, TIME, DatasetSpec, Source
 
 GROUP = "data"
@@ -161,7 +161,10 @@ def build_data_assets(spec: DatasetSpec) -> list[dg.AssetsDefinition]:
             state = fit_feature_state(conn, spec, plan_roles, previous=previous)
             # Aggregates come back as arrays by `cleaned`'s row id (one join); by their SQL
             # definition when that is not possible (rows deleted from `cleaned`).
-            aligned = aggregate_frame(conn, spec) if spec.aggregates else None
+            aligned = None
+            if spec.aggregates:
+                with duckdb_buffers_released(conn):
+                    aligned = aggregate_frame(conn, spec)
             if aligned is not None:
                 conn.register("__aggregates", aligned)
             try:

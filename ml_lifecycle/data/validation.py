@@ -523,35 +523,57 @@ SCHEMA_ONLY = {"expect_column_to_exist", "expect_table_columns_to_match_set",
                "expect_table_column_count_to_be_between"}
 
 
+@dataclass
+class TableFrames:
+    """What GX validates for one table: expectation indexes with the frame they run on."""
+
+    table: str
+    row_count: int
+    parts: list[tuple[list[int], pandas.DataFrame]]
+
+
+def load_frames(
+    conn: duckdb.DuckDBPyConnection, table: str, expectations: list[tuple[Expectation, str]],
+    columns: dict[str, str],
+) -> TableFrames:
+    """The frames to validate the DuckDB table `table` (columns -> types `columns`) on: the
+    expectations about its columns get an empty frame of all of them, the others a pandas copy
+    of only the columns they read. Load inside the connection, validate after closing it, so
+    DuckDB's buffers are not held while GX runs."""
+    schema = [i for i, (e, _) in enumerate(expectations) if e.type in SCHEMA_ONLY]
+    data = [i for i in range(len(expectations)) if i not in set(schema)]
+    parts: list[tuple[list[int], pandas.DataFrame]] = []
+    if schema:
+        parts.append((schema, _pandas(conn, f"SELECT * FROM {_quote(table)} LIMIT 0")))
+    if data:
+        needed = columns_needed([expectations[i] for i in data], columns)
+        query = f"SELECT {', '.join(_quote(c) for c in needed)} FROM {_quote(table)}"
+        parts.append((data, _pandas(conn, query)))
+    rows = len(parts[-1][1]) if data else int(
+        conn.execute(f"SELECT count(*) FROM {_quote(table)}").fetchall()[0][0])
+    return TableFrames(table=table, row_count=rows, parts=parts)
+
+
+def validate_frames(frames: TableFrames, expectations: list[tuple[Expectation, str]]
+                    ) -> ValidationOutcome:
+    """Validate `load_frames`' frames; results in the order of `expectations`. The frames are
+    released as they are validated."""
+    results: dict[int, ExpectationResult] = {}
+    while frames.parts:
+        indexes, frame = frames.parts.pop(0)
+        outcome = validate_frame(frame, frames.table, [expectations[i] for i in indexes])
+        del frame
+        results.update(zip(indexes, outcome.results, strict=True))
+    return ValidationOutcome(table=frames.table, row_count=frames.row_count,
+                             results=[results[i] for i in range(len(expectations))])
+
+
 def validate_table(
     conn: duckdb.DuckDBPyConnection, table: str, expectations: list[tuple[Expectation, str]],
     columns: dict[str, str],
 ) -> ValidationOutcome:
-    """Validate the DuckDB table `table` (columns -> types `columns`): the expectations about
-    its columns on an empty frame of all of them, the others on a pandas copy of only the
-    columns they read. Results come back in the order of `expectations`."""
-    schema = [i for i, (e, _) in enumerate(expectations) if e.type in SCHEMA_ONLY]
-    data = [i for i in range(len(expectations)) if i not in set(schema)]
-    results: dict[int, ExpectationResult] = {}
-    row_count = None
-    for indexes, empty in ((schema, True), (data, False)):
-        if not indexes:
-            continue
-        chosen = [expectations[i] for i in indexes]
-        if empty:
-            frame = _pandas(conn, f"SELECT * FROM {_quote(table)} LIMIT 0")
-        else:
-            needed = ", ".join(_quote(c) for c in columns_needed(chosen, columns))
-            frame = _pandas(conn, f"SELECT {needed} FROM {_quote(table)}")
-        outcome = validate_frame(frame, table, chosen)
-        if not empty:
-            row_count = outcome.row_count
-        del frame
-        results.update(zip(indexes, outcome.results, strict=True))
-    if row_count is None:
-        row_count = int(conn.execute(f"SELECT count(*) FROM {_quote(table)}").fetchall()[0][0])
-    return ValidationOutcome(table=table, row_count=row_count,
-                             results=[results[i] for i in range(len(expectations))])
+    """`load_frames` then `validate_frames` on one open connection."""
+    return validate_frames(load_frames(conn, table, expectations, columns), expectations)
 
 
 def _pandas(conn: duckdb.DuckDBPyConnection, query: str) -> pandas.DataFrame:
