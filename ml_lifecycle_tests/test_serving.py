@@ -294,10 +294,28 @@ def test_columns_payload_scores_like_records(served: Served, client: httpx.Clien
         ({k: v for k, v in columns.items() if k != "site"}, ["site"]),
         ({**columns, "site": ["atlantis", *columns["site"][1:]]}, ["record 0", "site"]),
         ({**columns, "delay": [1] * len(records)}, ["delay"]),
+        ({**columns, "distance": [math.nan, *columns["distance"][1:]]}, ["distance.0", "finite"]),
+        ({**columns, "distance": _at(columns["distance"], 1, math.inf)}, ["distance.1", "finite"]),
+        ({**columns, "distance": _at(columns["distance"], 2, True)}, ["distance.2"]),
+        ({**columns, "passengers": _at(columns["passengers"], 3, 2.5)}, ["passengers.3"]),
+        ({**columns, "passengers": _at(columns["passengers"], 0, 2**70)}, ["passengers.0"]),
+        ({**columns, "sched_at": _at(columns["sched_at"], 4, "yesterday")}, ["sched_at.4"]),
+        ({**columns, "trip_id": _at(columns["trip_id"], 5, None)}, ["trip_id.5", "null"]),
+        ({**columns, "distance": 5.0}, ["distance", "list"]),
+        ({k: [] for k in columns}, ["empty"]),
+        ({k: v * 2 for k, v in columns.items()}, [str(MAX_BATCH)]),
     ]
     for body_columns, words in cases:
-        bad = client.post("/predict_columns", json={"columns": body_columns})
+        bad = client.post(  # json.dumps writes NaN and Infinity as JavaScript does
+            "/predict_columns",
+            content=json.dumps({"columns": body_columns}),
+            headers={"content-type": "application/json"},
+        )
         assert bad.status_code == 400 and all(w in bad.text for w in words), bad.text[:300]
+
+
+def _at(values: list[Any], index: int, value: Any) -> list[Any]:
+    return [*values[:index], value, *values[index + 1 :]]
 
 
 def test_compiled_serving_path_equals_the_pipeline_sql_on_every_row(served: Served):
