@@ -683,7 +683,7 @@ def render(
         "",
     ]
     head = (
-        f"{'scale':>5}  {'rows':>9}  {'variant':<12} {'wall s':>7}  {'rows/s':>9}  "
+        f"{'scale':>5}  {'rows':>9}  {'variant':<14} {'wall s':>7}  {'rows/s':>9}  "
         f"{'peak MB':>8}  {'vs pandas':>9}  {'cpu s':>6}  {'cpu ratio':>9}  {'process s':>9}  "
         f"{'load':>9}"
     )
@@ -699,7 +699,7 @@ def render(
             problem = str(run.get("error") or run.get("failures") or "").strip()
             status = "" if row["success"] else "  FAILED: " + problem.splitlines()[-1][:100]
             lines.append(
-                f"{scale:>4}x  {_fmt(row['rows_in']):>9}  {variant:<12} "
+                f"{scale:>4}x  {_fmt(row['rows_in']):>9}  {variant:<14} "
                 f"{_fmt(row['wall_s'], '.1f'):>7}  {_fmt(row['rows_per_s']):>9}  "
                 f"{_fmt(row['peak_rss_mb']):>8}  {_fmt(speed, '.2f') + 'x' if speed else '-':>9}  "
                 f"{_fmt(row.get('cpu_s'), '.1f'):>6}  {_fmt(row.get('cpu_ratio_vs_pandas'), '.2f'):>9}  "
@@ -767,7 +767,7 @@ def render(
                 overhead = (run.get("wall_s") or 0) - sum(steps.values())
                 groups["dagster overhead"] = overhead
                 text = ", ".join(f"{k} {v:.1f}" for k, v in groups.items())
-            lines.append(f"  {scale:>3}x {variant:<12} {text}")
+            lines.append(f"  {scale:>3}x {variant:<14} {text}")
             if run.get("profile"):
                 lines.append(
                     f"  {scale:>3}x {'':<12} aggregate queries alone: "
@@ -784,7 +784,7 @@ def render(
                 f"{name}: {'MET' if ok else 'NOT MET' if ok is False else 'n/a'}"
                 for name, ok in goals.items()
             )
-            lines.append(f"  {variant:<12} {text}")
+            lines.append(f"  {variant:<14} {text}")
     if check:
         lines += [
             "",
