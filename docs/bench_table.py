@@ -48,9 +48,9 @@ def _ratio(ours: Any, other: Any) -> str:
     if not isinstance(ours, int | float) or not isinstance(other, int | float) or not ours:
         return ""
     return (
-        f"; ours {_num(other / ours, 'x', 2)} faster"
+        f"; ours {_num(other / ours, 'x', 3)} faster"
         if other > ours
-        else (f"; ours {_num(ours / other, 'x', 2)} slower")
+        else (f"; ours {_num(ours / other, 'x', 3)} slower")
     )
 
 
