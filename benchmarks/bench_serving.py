@@ -327,7 +327,7 @@ def profile_score(
         ids = [f"r{i}" for i in range(len(records))]
         results = runtime._present_all(prediction, model, ids)
         t = tick("present results", t)
-        runtime._log_compiled(ids, prediction, columns, model, None, None)
+        runtime._log_compiled(ids, prediction, columns, matrix, model, None, None)
         t = tick("inference log: queue (request thread)", t)
         runtime.log.flush()
         t = tick("inference log: encode + write (flush thread)", t)

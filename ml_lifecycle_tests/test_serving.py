@@ -788,6 +788,43 @@ def test_read_predictions_sees_keys_first_logged_late(tmp_path: Path):
     assert conn.sql("SELECT count(*) FROM predictions").fetchall()[0][0] == 21_001
 
 
+def test_a_batch_logs_what_its_records_log_one_by_one(served: Served):
+    """A batch's log lines (encoded column by column) carry what the same records log when
+    scored one at a time: ids, event time, features as scored (nulls, and an unseen category
+    as null), prediction."""
+    runtime = served.runtime
+    records = [dict(r) for r in served.test_records[:MAX_BATCH]]
+    records[3]["vehicle"] = "rocket"  # not in the model's vocabulary: scored as missing
+    batch_ids = [f"batch-{uuid.uuid4().hex}" for _ in records]
+    single_ids = [f"single-{uuid.uuid4().hex}" for _ in records]
+    previous = runtime.unknown_categories
+    runtime.unknown_categories = "score"
+    try:
+        runtime.score(records, request_ids=batch_ids)
+        for record, request_id in zip(records, single_ids, strict=True):
+            runtime.score([record], request_ids=[request_id])
+    finally:
+        runtime.unknown_categories = previous
+    wanted = set(batch_ids) | set(single_ids)
+    lines = {}
+    for file in runtime.log.directory.glob("predictions-*.jsonl"):
+        for text in file.read_text().splitlines():
+            line = json.loads(text)
+            if line["request_id"] in wanted:
+                lines[line.pop("request_id")] = line
+    assert set(lines) == wanted
+    for batch_id, single_id in zip(batch_ids, single_ids, strict=True):
+        batch, single = lines[batch_id], lines[single_id]
+        assert batch.pop("logged_at") != single.pop("logged_at")
+        assert batch == single
+    assert lines[batch_ids[3]]["features"]["vehicle"] is None
+    assert lines[batch_ids[3]]["ids"]["trip_id"] == records[3]["trip_id"]
+    features = [lines[i]["features"] for i in batch_ids]
+    assert any(value is None for f in features for value in f.values())
+    assert any(f["readings_wind"] is None for f in features)  # stale or missing readings
+    assert all(lines[i]["event_time"] for i in batch_ids)
+
+
 # -- 5. zero-downtime upgrade and rollback ------------------------------------------------------
 
 

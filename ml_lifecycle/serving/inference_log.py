@@ -11,7 +11,6 @@ Read them all with `read_json('<dir>/predictions-*.jsonl')`.
 from __future__ import annotations
 
 import atexit
-import io
 import json
 import logging
 import os
@@ -46,43 +45,59 @@ def _series(name: str, values: Any):
 
     if isinstance(values, np.ndarray) and values.dtype.kind == "f":
         return pl.Series(name, values, nan_to_null=True)
+    if isinstance(values, np.ndarray) and values.dtype.kind == "M":
+        return pl.Series(name, values.astype("datetime64[us]")).dt.to_string(_ISO_US)
     return pl.Series(name, list(values), strict=False)
 
 
-def _struct(columns: dict[str, Any]):
-    import polars as pl
-
-    return pl.DataFrame([_series(name, values) for name, values in columns.items()]).to_struct()
+_ISO_US = "%Y-%m-%dT%H:%M:%S%.6f"  # what np.datetime_as_string(unit="us") writes
 
 
 def _ndjson(
     request_ids: list[str],
     now: str,
     model_version: str,
-    predictions: list[Any],
-    event_times: list[Any],
-    ids: dict[str, list[Any]],
-    features: dict[str, list[Any]],
+    predictions: Any,
+    event_times: Any,
+    ids: dict[str, Any],
+    features: dict[str, Any],
     shadow_version: str | None,
-    shadow: dict[str, list[Any]],
+    shadow: dict[str, Any],
 ) -> bytes:
+    """The lines of a batch, encoded by one Polars expression over its columns.
+
+    The expression (struct -> `json_encode`) runs in Rust without the GIL, so the request
+    threads keep running while a flush encodes; `write_ndjson` writes the same bytes but holds
+    the GIL throughout (~5 ms per 1000 lines of ~50 features)."""
     import polars as pl
 
-    count = len(request_ids)
-    frame = {
-        "request_id": pl.Series(request_ids, dtype=pl.String),
-        "logged_at": pl.repeat(now, count, eager=True),
-        "event_time": pl.Series(event_times, dtype=pl.String),
-        "model_version": pl.repeat(model_version, count, eager=True),
-        "ids": _struct(ids),
-        "features": _struct(features),
-        "prediction": _series("prediction", predictions),
-    }
+    series = [
+        pl.Series("request_id", request_ids, dtype=pl.String),
+        _series("event_time", event_times).cast(pl.String),
+        _series("prediction", predictions),
+    ]
+    groups: dict[str, list[Any]] = {}
+    for group, columns in (("ids", ids), ("features", features), ("shadow", shadow)):
+        # Columns named by position: a name may be both an id and a feature (`origin`).
+        groups[group] = []
+        for name, values in columns.items():
+            column = f"{group}{len(groups[group])}"
+            series.append(_series(column, values))
+            groups[group].append(pl.col(column).alias(name))
+    fields = [
+        pl.col("request_id"),
+        pl.lit(now, pl.String).alias("logged_at"),
+        pl.col("event_time"),
+        pl.lit(model_version, pl.String).alias("model_version"),
+        pl.struct(groups["ids"]).alias("ids"),
+        pl.struct(groups["features"]).alias("features"),
+        pl.col("prediction"),
+    ]
     if shadow_version is not None:
-        frame["shadow"] = _struct({"model_version": [shadow_version] * count, **shadow})
-    buffer = io.BytesIO()
-    pl.DataFrame(frame).write_ndjson(buffer)
-    return buffer.getvalue()
+        version = pl.lit(shadow_version, pl.String).alias("model_version")
+        fields.append(pl.struct([version, *groups["shadow"]]).alias("shadow"))
+    lines = pl.DataFrame(series).select(pl.struct(fields).struct.json_encode().str.join("\n"))
+    return (lines.item() + "\n").encode()
 
 
 def _json_ready(values: Any) -> list[Any]:
@@ -235,7 +250,8 @@ def encode_predictions(
     features: dict[str, list[Any]],
     shadow: dict[str, Any] | None = None,
 ) -> bytes:
-    """JSON lines, one per prediction, from columns of JSON-ready values.
+    """JSON lines, one per prediction, from columns: lists of JSON-ready values or numpy
+    arrays (float NaN -> null, datetime64 -> ISO text to the microsecond).
 
     Lines: {request_id, logged_at, event_time, model_version, ids: {...}, features: {...},
     prediction[, shadow: {model_version, prediction, ...}]}. Batches are encoded by Polars
@@ -261,6 +277,8 @@ def encode_predictions(
             shadow["model_version"] if shadow is not None else None,
             shadow_columns,
         )
+    if isinstance(event_times, np.ndarray) and event_times.dtype.kind == "M":
+        event_times = np.datetime_as_string(event_times, unit="us").tolist()
     id_rows = _rows(ids, count)
     feature_rows = _rows(features, count)
     shadow_rows = _rows(shadow_columns, count) if shadow is not None else None

@@ -638,16 +638,20 @@ class ServingRuntime:
     ) -> tuple[list[str], np.ndarray]:
         columns = self._clean_compiled(inputs, rows)
         self._check_compiled(columns, model)
-        prediction = self._predict(model, columns, rows)
-        shadow_prediction = self._predict(shadow, columns, rows) if shadow is not None else None
-        ids = request_ids or _request_ids(rows)
-        if log and self.log_predictions:
-            self._log_compiled(ids, prediction, columns, model, shadow, shadow_prediction)
-        return ids, prediction
-
-    def _predict(self, model: LoadedModel, columns: dict[str, Any], rows: int) -> np.ndarray:
         assert model.encoder is not None
         matrix = model.encoder.matrix(columns, rows)
+        prediction = self._predict(model, matrix)
+        shadow_prediction = None
+        if shadow is not None:
+            assert shadow.encoder is not None
+            shadow_prediction = self._predict(shadow, shadow.encoder.matrix(columns, rows))
+        ids = request_ids or _request_ids(rows)
+        if log and self.log_predictions:
+            self._log_compiled(ids, prediction, columns, matrix, model, shadow, shadow_prediction)
+        return ids, prediction
+
+    def _predict(self, model: LoadedModel, matrix: np.ndarray) -> np.ndarray:
+        rows = len(matrix)
         with self._predicting_lock:
             self._predicting += 1
             alone = self._predicting == 1 and not self.log.flushing
@@ -691,16 +695,22 @@ class ServingRuntime:
             out["predictions"] = prediction.tolist()
         return out
 
-    def _readable(self, columns: dict[str, Any], model: LoadedModel) -> dict[str, Any]:
+    def _readable(
+        self, columns: dict[str, Any], model: LoadedModel, matrix: np.ndarray
+    ) -> dict[str, Any]:
         """The features as scored, by name, as the features table holds them: categorical
-        levels as text (unseen: None), numbers as float64 arrays (NaN = null)."""
+        levels as sent (unseen: None), numbers as float64 arrays (NaN = null)."""
         assert model.encoder is not None
         parts = time_parts(columns[TIME]) if self.spec.has_time else {}
+        position = {name: index for index, name in enumerate(model.encoder.names)}
         out: dict[str, Any] = {}
         for feature in model.state.features:
             name = feature.name
             if feature.categorical:
-                out[name] = model.encoder.known(name, columns[name])
+                # Unseen levels are the matrix's NaN codes: the encoder's own lookup, not a
+                # second one per value.
+                values = np.asarray(columns[name], dtype=object)
+                out[name] = np.where(np.isnan(matrix[:, position[name]]), None, values)
             elif feature.kind == "time":
                 out[name] = parts[name]
             elif feature.kind == "boolean":
@@ -714,16 +724,18 @@ class ServingRuntime:
         ids: list[str],
         prediction: np.ndarray,
         columns: dict[str, Any],
+        matrix: np.ndarray,
         model: LoadedModel,
         shadow: LoadedModel | None,
         shadow_prediction: np.ndarray | None,
     ) -> None:
         # Everything but the timestamp is deferred: under group commit it runs on the log's
-        # flush thread (the columns are this request's own, never modified after scoring).
+        # flush thread (the columns and matrix are this request's own, never modified after
+        # scoring).
         now = self.log.now()
         self.log.submit(
             lambda: self._prediction_lines(
-                now, ids, prediction, columns, model, shadow, shadow_prediction
+                now, ids, prediction, columns, matrix, model, shadow, shadow_prediction
             )
         )
 
@@ -733,19 +745,14 @@ class ServingRuntime:
         ids: list[str],
         prediction: np.ndarray,
         columns: dict[str, Any],
+        matrix: np.ndarray,
         model: LoadedModel,
         shadow: LoadedModel | None,
         shadow_prediction: np.ndarray | None,
     ) -> bytes:
         rows = len(ids)
-        times = (
-            np.datetime_as_string(columns[TIME], unit="us").tolist()
-            if self.spec.has_time
-            else [None] * rows
-        )
-        id_columns = {
-            name: _json_values(columns[name]) for name in self.spec.id_columns if name in columns
-        }
+        times = columns[TIME] if self.spec.has_time else [None] * rows
+        id_columns = {name: columns[name] for name in self.spec.id_columns if name in columns}
         shadows = None
         if shadow is not None and shadow_prediction is not None:
             shadows = self._present_columns(shadow_prediction, shadow, ids)
@@ -758,7 +765,7 @@ class ServingRuntime:
             presented["predictions"],
             times,
             id_columns,
-            self._readable(columns, model),
+            self._readable(columns, model, matrix),
             shadows,
         )
 
@@ -875,12 +882,6 @@ def _request_ids(count: int) -> list[str]:
     """Unique ids for a batch: one random prefix, then the row (32 hex digits like a uuid4)."""
     prefix = uuid.uuid4().hex[:24]
     return [f"{prefix}{index:08x}" for index in range(count)]
-
-
-def _json_values(values: Any) -> list[Any]:
-    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
-        return [None if v != v else v for v in values.tolist()]
-    return list(values)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
