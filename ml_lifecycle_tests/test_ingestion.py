@@ -210,6 +210,27 @@ def test_a_batch_needing_a_wider_type_is_widened(
     assert rows_by_file(conn) == {"day1.csv": [(1, 2.0)], "day2.csv": [(2, 2.5)]}
 
 
+@pytest.mark.parametrize("files", [1, 3], ids=["one-file", "many-files"])
+def test_a_decimal_past_the_first_rows_makes_the_column_double(
+    tmp_path: Path, conn: duckdb.DuckDBPyConnection, files: int
+) -> None:
+    # DuckDB's sniffer samples 20,480 rows by default; past them, 2.5 in a BIGINT column
+    # would silently become 3.
+    rows = [(i, "north", float(i)) for i in range(25_000)]
+    for index in range(files - 1):
+        write(tmp_path / "landing" / f"day{index}.csv",
+              csv_rows(*rows[:10]).replace(".0\n", "\n"))
+    text = csv_rows(*rows).replace(".0\n", "\n") + "25000,south,2.5\n"
+    write(tmp_path / "landing" / "last.csv", text)
+
+    report = ingest(conn, sales_spec(tmp_path, "*.csv"))
+
+    assert report.rows_added == 25_001 + 10 * (files - 1)
+    types = {r[0]: r[1] for r in conn.execute(f"DESCRIBE {TABLE}").fetchall()}
+    assert types["amount"] == "DOUBLE"
+    assert conn.execute(f"SELECT amount FROM {TABLE} WHERE sale_id = 25000").fetchall() == [(2.5,)]
+
+
 def test_a_file_with_its_columns_in_another_order_is_read_by_name(
     tmp_path: Path, conn: duckdb.DuckDBPyConnection
 ) -> None:

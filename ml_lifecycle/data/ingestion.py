@@ -220,7 +220,7 @@ def ingest_files(
 
 
 # Reader options the bulk CSV path understands (it reads each file's header line itself).
-_BULK_CSV_OPTIONS = {"nullstr", "delim", "sep", "quote", "escape", "dateformat",
+_BULK_CSV_OPTIONS = {"nullstr", "sample_size", "delim", "sep", "quote", "escape", "dateformat",
                      "timestampformat", "decimal_separator", "header"}
 
 
@@ -259,8 +259,8 @@ def _ingest_csv_bulk(
     type, an unreadable or empty file) returns False with nothing written, and the per-file path runs
     and names the problem. All files are written in one transaction.
 
-    Like the per-file path, types come from DuckDB's sniffer, which samples rows: a value past
-    the sample that does not fit the detected type is converted by DuckDB's rules."""
+    Like the per-file path, types come from DuckDB's sniffer over every row (`sample_size=-1`,
+    see `reader_sql`), and each file is checked against them while reading."""
     if source.resolved_format != "csv" or len(todo) < 2 or any(str(p) in known for p, _ in todo):
         return False
     options = dict(source.options)
