@@ -601,6 +601,11 @@ def run_child(argv: list[str], log: Path, out: Path, timeout: float) -> dict:
     return harness.run_child(Path(__file__).resolve(), argv, log, out, timeout)
 
 
+def _differing(check: dict) -> list[str]:
+    """Columns a correctness check found different (or could not compare)."""
+    return [c for c, e in check.get("columns", {}).items() if e.get("rows_differing") or "status" in e]
+
+
 def _fmt(value, spec: str = ",.0f", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
@@ -906,45 +911,29 @@ def main() -> None:
                 and runs[(1, "ours")].get("success")
             ):
                 say("1x correctness check: pandas output vs ours (features table): start")
-                result = run_child(
-                    [
-                        "--child",
-                        "check",
-                        "--ours-db",
-                        str(workdir / "homes" / "ours_1x" / "flights" / "warehouse.duckdb"),
-                        "--pandas-out",
-                        str(workdir / "pandas_1x.parquet"),
-                    ],
-                    workdir / "logs" / "check.log",
-                    workdir / "check.json",
-                    args.timeout,
-                )
-                check = result if "columns" in result else None
-                if "pandas-rolling" in variants and runs[(1, "pandas-rolling")].get("success"):
-                    rolling = run_child(
+
+                def check_against(baseline: str, name: str) -> dict:
+                    return run_child(
                         [
                             "--child",
                             "check",
                             "--ours-db",
                             str(workdir / "homes" / "ours_1x" / "flights" / "warehouse.duckdb"),
                             "--pandas-out",
-                            str(workdir / "pandas-rolling_1x.parquet"),
+                            str(workdir / f"{baseline}_1x.parquet"),
                         ],
-                        workdir / "logs" / "check_rolling.log",
-                        workdir / "check_rolling.json",
+                        workdir / "logs" / f"{name}.log",
+                        workdir / f"{name}.json",
                         args.timeout,
                     )
+
+                result = check_against("pandas", "check")
+                check = result if "columns" in result else None
+                if "pandas-rolling" in variants and runs[(1, "pandas-rolling")].get("success"):
+                    rolling = check_against("pandas-rolling", "check_rolling")
                     if check is not None and "columns" in rolling:
-                        check["pandas_rolling_columns_differing"] = [
-                            c
-                            for c, e in rolling["columns"].items()
-                            if e.get("rows_differing") or "status" in e
-                        ]
-                differing = [
-                    c
-                    for c, e in (check or {}).get("columns", {}).items()
-                    if e.get("rows_differing") or "status" in e
-                ]
+                        check["pandas_rolling_columns_differing"] = _differing(rolling)
+                differing = _differing(check or {})
                 say(
                     "1x correctness check: done; "
                     + (f"columns differing: {differing}" if differing else "all columns agree")

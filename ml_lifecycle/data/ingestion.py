@@ -115,13 +115,17 @@ def _schema_problems(
     return problems, widen
 
 
+def _timestamp_sql(now: datetime) -> str:
+    return f"TIMESTAMP {sql_literal(now.strftime('%Y-%m-%d %H:%M:%S.%f'))}"
+
+
 def _select_as(expected: dict[str, str], incoming: str, source_file: str, now: datetime) -> str:
     parts = []
     for column, dtype in expected.items():
         if column == SOURCE_FILE:
             parts.append(f"{sql_literal(source_file)} AS {quote(column)}")
         elif column == INGESTED_AT:
-            parts.append(f"TIMESTAMP {sql_literal(now.strftime('%Y-%m-%d %H:%M:%S.%f'))} AS {quote(column)}")
+            parts.append(f"{_timestamp_sql(now)} AS {quote(column)}")
         else:
             parts.append(f"CAST({quote(column)} AS {dtype}) AS {quote(column)}")
     return f"SELECT {', '.join(parts)} FROM {quote(incoming)}"
@@ -284,10 +288,9 @@ def _ingest_csv_bulk(
         return False
     if any(_csv_header(path, source) != list(columns) for path, _ in todo):
         return False
-    stamp = f"TIMESTAMP {sql_literal(now.strftime('%Y-%m-%d %H:%M:%S.%f'))}"
     select = ", ".join(
         [f"CAST({quote(c)} AS {t}) AS {quote(c)}" for c, t in columns.items()]
-        + [f"{quote(SOURCE_FILE)}", f"{stamp} AS {quote(INGESTED_AT)}"])
+        + [f"{quote(SOURCE_FILE)}", f"{_timestamp_sql(now)} AS {quote(INGESTED_AT)}"])
     conn.execute("BEGIN TRANSACTION")
     try:
         if not expected:
@@ -332,7 +335,7 @@ def ingest_sql_table(
         before = _count(conn, table) if table_columns(conn, table) else 0
         conn.execute(
             f"CREATE OR REPLACE TABLE {quote(table)} AS SELECT *, {sql_literal(label)} AS {SOURCE_FILE}, "
-            f"TIMESTAMP {sql_literal(now.strftime('%Y-%m-%d %H:%M:%S.%f'))} AS {INGESTED_AT} "
+            f"{_timestamp_sql(now)} AS {INGESTED_AT} "
             f"FROM {quote(staged)}"
         )
         conn.execute("COMMIT")

@@ -68,6 +68,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from ml_lifecycle.data.sources import quote
 from ml_lifecycle.spec import TARGET, TIME, DatasetSpec, Expectation, SpecError
 
 if TYPE_CHECKING:
@@ -544,13 +545,13 @@ def load_frames(
     data = [i for i in range(len(expectations)) if i not in set(schema)]
     parts: list[tuple[list[int], pandas.DataFrame]] = []
     if schema:
-        parts.append((schema, _pandas(conn, f"SELECT * FROM {_quote(table)} LIMIT 0")))
+        parts.append((schema, _pandas(conn, f"SELECT * FROM {quote(table)} LIMIT 0")))
     if data:
         needed = columns_needed([expectations[i] for i in data], columns)
-        query = f"SELECT {', '.join(_quote(c) for c in needed)} FROM {_quote(table)}"
+        query = f"SELECT {', '.join(quote(c) for c in needed)} FROM {quote(table)}"
         parts.append((data, _pandas(conn, query)))
     rows = len(parts[-1][1]) if data else int(
-        conn.execute(f"SELECT count(*) FROM {_quote(table)}").fetchall()[0][0])
+        conn.execute(f"SELECT count(*) FROM {quote(table)}").fetchall()[0][0])
     return TableFrames(table=table, row_count=rows, parts=parts)
 
 
@@ -590,10 +591,6 @@ def _pandas(conn: duckdb.DuckDBPyConnection, query: str) -> pandas.DataFrame:
     its peak memory at 3.4M rows (strings stay Arrow-backed). Integer columns with NULLs become
     float64 with NaN, as pandas reads them; pandas' nullable dtypes made GX 3x slower."""
     return conn.sql(query).to_arrow_table().to_pandas(self_destruct=True)
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _forget_frame(state: dict[str, Any]) -> None:
