@@ -29,13 +29,14 @@ import httpx
 import numpy as np
 import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ml_lifecycle.data.aggregates import aggregate_sql
 from ml_lifecycle.data.cleaning import clean
 from ml_lifecycle.data.sources import sql_literal
 from ml_lifecycle.definitions import build_definitions
-from ml_lifecycle.serving.inference_log import read_predictions
+from ml_lifecycle.serving.inference_log import prediction_files, read_predictions
 from ml_lifecycle.serving.online_store import MemoryOnlineStore, RedisOnlineStore
 from ml_lifecycle.serving.runtime import ServingRuntime
 from ml_lifecycle.serving.snapshot import current_snapshot
@@ -221,9 +222,11 @@ def logged(served: Served, request_ids: list[str], wait: float = 5.0) -> dict[st
         time.sleep(0.1)
 
 
-def _logged_now(served: Served, request_ids: list[str]) -> dict[str, dict[str, Any]]:
+def _logged_now(
+    served: Served, request_ids: list[str], directory: Path | None = None
+) -> dict[str, dict[str, Any]]:
     conn = duckdb.connect()
-    relation = read_predictions(served.inference_dir, conn)
+    relation = read_predictions(directory or served.inference_dir, conn)
     assert relation is not None
     relation.create_view("predictions")
     conn.register("wanted", pa.table({"request_id": request_ids}))
@@ -789,7 +792,7 @@ def test_read_predictions_sees_keys_first_logged_late(tmp_path: Path):
 
 
 def test_a_batch_logs_what_its_records_log_one_by_one(served: Served):
-    """A batch's log lines (encoded column by column) carry what the same records log when
+    """A batch's log rows (built column by column) carry what the same records log when
     scored one at a time: ids, event time, features as scored (nulls, and an unseen category
     as null), prediction."""
     runtime = served.runtime
@@ -806,12 +809,10 @@ def test_a_batch_logs_what_its_records_log_one_by_one(served: Served):
     finally:
         runtime.unknown_categories = previous
     wanted = set(batch_ids) | set(single_ids)
-    lines = {}
-    for file in runtime.log.directory.glob("predictions-*.jsonl"):
-        for text in file.read_text().splitlines():
-            line = json.loads(text)
-            if line["request_id"] in wanted:
-                lines[line.pop("request_id")] = line
+    lines = {
+        row.pop("request_id"): row
+        for row in _logged_now(served, sorted(wanted), runtime.log.directory).values()
+    }
     assert set(lines) == wanted
     for batch_id, single_id in zip(batch_ids, single_ids, strict=True):
         batch, single = lines[batch_id], lines[single_id]
@@ -1060,8 +1061,23 @@ def test_a_worker_killed_mid_load_loses_at_most_the_last_second(served: Served, 
     workers = _worker_pids(server)
     assert len(workers) == 1, workers
     worker = workers[0]
-    log_file = next(served.inference_dir.glob(f"predictions-*-{worker}.jsonl"))
-    before = len(log_file.read_bytes().splitlines())
+
+    def worker_log() -> list[str]:
+        """The request ids in the killed worker's prediction files (each file read whole)."""
+        for _ in range(5):  # a compaction may delete a listed part while it is read: list again
+            files, _legacy = prediction_files(served.inference_dir)
+            try:
+                return [
+                    request_id
+                    for file in files
+                    if f"-{worker}." in file.name
+                    for request_id in pq.read_table(file)["request_id"].to_pylist()
+                ]
+            except FileNotFoundError:
+                continue
+        raise AssertionError("the log kept changing while it was read")
+
+    before = set(worker_log())
     batch, threads_count = 5, 4
     acked: list[tuple[float, str]] = []  # (when the answer arrived, request id)
     # Requests sent once the worker was dead: only the worker started in its place answers
@@ -1105,10 +1121,9 @@ def test_a_worker_killed_mid_load_loses_at_most_the_last_second(served: Served, 
     for thread in threads:
         thread.join(timeout=30)
 
-    lines = log_file.read_bytes().splitlines()[before:]
-    records = [json.loads(line) for line in lines]  # no torn line either
-    in_file = {r["request_id"] for r in records}
-    assert len(in_file) == len(records)
+    logged_ids = [i for i in worker_log() if i not in before]  # no torn file either
+    in_file = set(logged_ids)
+    assert len(in_file) == len(logged_ids)
     # Every prediction answered more than a second before the kill was logged by that worker.
     settled = {request_id for when, request_id in acked if when < killed_at - 1.0}
     assert len(settled) >= 100

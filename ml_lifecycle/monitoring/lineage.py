@@ -11,6 +11,7 @@ from typing import Any
 import duckdb
 
 from ml_lifecycle.data.ingestion import MANIFEST
+from ml_lifecycle.serving.inference_log import read_predictions
 from ml_lifecycle.spec import DatasetSpec
 from ml_lifecycle.training.registry import ModelRegistry
 
@@ -20,14 +21,20 @@ class TraceError(LookupError):
 
 
 def find_prediction(directory: Path, request_id: str) -> dict[str, Any]:
-    for path in sorted(Path(directory).glob("predictions-*.jsonl")):
-        with path.open() as handle:
-            for line in handle:
-                if request_id in line:
-                    record = json.loads(line)
-                    if record.get("request_id") == request_id:
-                        return {**record, "log_file": str(path)}
-    raise TraceError(f"request {request_id!r} not found in {directory}/predictions-*.jsonl")
+    """The logged prediction of `request_id` (any worker's file, any log format)."""
+    conn = duckdb.connect()
+    try:
+        relation = read_predictions(directory, conn, filename=True)
+        rows = [] if relation is None else (
+            relation.filter(duckdb.ColumnExpression("request_id") == duckdb.ConstantExpression(
+                request_id)).limit(1).to_arrow_table().to_pylist())
+    finally:
+        conn.close()
+    if not rows:
+        raise TraceError(f"request {request_id!r} not found in the prediction log {directory}")
+    record = rows[0]
+    record["log_file"] = record.pop("filename")
+    return record
 
 
 def trace_prediction(spec: DatasetSpec, request_id: str) -> dict[str, Any]:

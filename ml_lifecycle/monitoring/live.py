@@ -17,6 +17,7 @@ import duckdb
 import numpy as np
 
 from ml_lifecycle.monitoring.drift import drift_report
+from ml_lifecycle.serving.inference_log import predictions_sql
 from ml_lifecycle.spec import DatasetSpec
 from ml_lifecycle.training.metrics import PRIMARY, compute_metrics
 from ml_lifecycle.training.registry import ModelRegistry
@@ -38,13 +39,18 @@ class WindowResult:
 
 
 def _log_relation(conn: duckdb.DuckDBPyConnection, directory: Path, kind: str) -> bool:
-    files = sorted(Path(directory).glob(f"{kind}-*.jsonl"))
-    files = [f for f in files if f.stat().st_size > 0]
-    if not files:
+    """A temp view `kind` over the worker logs: predictions (Parquet, and JSON lines of older
+    versions) or labels (JSON lines)."""
+    if kind == "predictions":
+        select = predictions_sql(directory)
+    else:
+        files = [f for f in sorted(Path(directory).glob(f"{kind}-*.jsonl")) if f.stat().st_size]
+        listing = "[" + ", ".join(f"'{f}'" for f in files) + "]"
+        select = (f"SELECT * FROM read_json({listing}, format='newline_delimited', "
+                  "union_by_name=true)") if files else None
+    if select is None:
         return False
-    listing = "[" + ", ".join(f"'{f}'" for f in files) + "]"
-    conn.execute(f"CREATE OR REPLACE TEMP VIEW {kind} AS SELECT * FROM read_json({listing}, "
-                 "format='newline_delimited', union_by_name=true)")
+    conn.execute(f"CREATE OR REPLACE TEMP VIEW {kind} AS {select}")
     return True
 
 

@@ -1,11 +1,16 @@
-"""Append-only inference and label logs: JSON lines, one file set per worker, read with DuckDB.
+"""Append-only inference and label logs, one file set per worker, read with DuckDB.
 
-Each worker appends to its own files (`predictions-<worker>.jsonl`, `labels-<worker>.jsonl`,
-`rejected-<worker>.jsonl`) with an O_APPEND descriptor and whole lines per write, so workers
-never contend and a killed worker leaves no torn line. The HTTP service group-commits
-predictions (`InferenceLog(flush_interval=...)`): a killed worker loses at most the last
-interval's predictions (0.25 s by default, well under the one second allowed).
-Read them all with `read_json('<dir>/predictions-*.jsonl')`.
+Predictions: each flush writes one Parquet file (`predictions-<worker>.<session>.<seq>.parquet`)
+under a temporary name and renames it into place, so a reader never sees a torn file and a
+killed worker leaves only whole files. Parquet, not JSON lines: a 1000-row batch of ~50 features
+takes ~1-2 ms to write instead of ~6 ms of float-to-text encoding, in a tenth of the bytes. The
+HTTP service group-commits (`InferenceLog(flush_interval=...)`): a killed worker loses at most
+the last interval's predictions (0.25 s by default; the issue allows one second). Every
+`compact_parts` files the worker merges its parts into one (`<session>.<first>-<last>`); readers
+skip parts that a merged file covers, so a crash between the merge and the deletes duplicates
+nothing. Labels and rejected requests (small, rare) stay JSON lines (`labels-<worker>.jsonl`),
+appended with O_APPEND whole-line writes. Read predictions with `read_predictions(directory)`
+(or `predictions_sql`); logs of older versions (`predictions-<worker>.jsonl`) are read too.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import atexit
 import json
 import logging
 import os
+import re
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +30,17 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# One logged batch as columns: a leaf is a numpy array or list (one value per prediction) or a
+# scalar shared by all its rows (model version, logged_at); a dict is a struct column.
+LogColumns = dict[str, Any]
+
+_PART = re.compile(
+    r"^predictions-(?P<worker>.+)\.(?P<session>[0-9a-f]{8})\."
+    r"(?P<first>\d{8})(?:-(?P<last>\d{8}))?\.parquet$"
+)
 
 
 def _default(value: Any) -> Any:
@@ -31,90 +49,6 @@ def _default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
-
-
-_POLARS_FROM = 32  # rows
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
-
-
-def _singular(key: str) -> str:
-    return {"predictions": "prediction", "labels": "label"}.get(key, key)
-
-
-def _series(name: str, values: Any):
-    import polars as pl
-
-    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
-        return pl.Series(name, values, nan_to_null=True)
-    if isinstance(values, np.ndarray) and values.dtype.kind == "M":
-        return pl.Series(name, values.astype("datetime64[us]")).dt.to_string(_ISO_US)
-    return pl.Series(name, list(values), strict=False)
-
-
-_ISO_US = "%Y-%m-%dT%H:%M:%S%.6f"  # what np.datetime_as_string(unit="us") writes
-
-
-def _ndjson(
-    request_ids: list[str],
-    now: str,
-    model_version: str,
-    predictions: Any,
-    event_times: Any,
-    ids: dict[str, Any],
-    features: dict[str, Any],
-    shadow_version: str | None,
-    shadow: dict[str, Any],
-) -> bytes:
-    """The lines of a batch, encoded by one Polars expression over its columns.
-
-    The expression (struct -> `json_encode`) runs in Rust without the GIL, so the request
-    threads keep running while a flush encodes; `write_ndjson` writes the same bytes but holds
-    the GIL throughout (~5 ms per 1000 lines of ~50 features)."""
-    import polars as pl
-
-    series = [
-        pl.Series("request_id", request_ids, dtype=pl.String),
-        _series("event_time", event_times).cast(pl.String),
-        _series("prediction", predictions),
-    ]
-    groups: dict[str, list[Any]] = {}
-    for group, columns in (("ids", ids), ("features", features), ("shadow", shadow)):
-        # Columns named by position: a name may be both an id and a feature (`origin`).
-        groups[group] = []
-        for name, values in columns.items():
-            column = f"{group}{len(groups[group])}"
-            series.append(_series(column, values))
-            groups[group].append(pl.col(column).alias(name))
-    fields = [
-        pl.col("request_id"),
-        pl.lit(now, pl.String).alias("logged_at"),
-        pl.col("event_time"),
-        pl.lit(model_version, pl.String).alias("model_version"),
-        pl.struct(groups["ids"]).alias("ids"),
-        pl.struct(groups["features"]).alias("features"),
-        pl.col("prediction"),
-    ]
-    if shadow_version is not None:
-        version = pl.lit(shadow_version, pl.String).alias("model_version")
-        fields.append(pl.struct([version, *groups["shadow"]]).alias("shadow"))
-    lines = pl.DataFrame(series).select(pl.struct(fields).struct.json_encode().str.join("\n"))
-    return (lines.item() + "\n").encode()
-
-
-def _json_ready(values: Any) -> list[Any]:
-    if isinstance(values, np.ndarray):
-        if values.dtype.kind == "f":
-            return [None if v != v else v for v in values.tolist()]
-        return values.tolist()
-    return list(values)
-
-
-def _rows(columns: dict[str, Any], count: int) -> list[dict[str, Any]]:
-    if not columns:
-        return [{} for _ in range(count)]
-    names = list(columns)
-    lists = [_json_ready(values) for values in columns.values()]
-    return [dict(zip(names, values, strict=True)) for values in zip(*lists, strict=True)]
 
 
 def worker_id() -> str:
@@ -131,64 +65,103 @@ class JsonLinesWriter:
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        self.write_bytes(
-            "".join(
-                json.dumps(r, default=_default, separators=(",", ":")) + "\n" for r in records
-            ).encode()
-        )
-
-    def write_bytes(self, payload: bytes) -> None:
-        """Whole lines in one O_APPEND write (a killed worker leaves no torn line)."""
-        with self._lock:
+        payload = "".join(
+            json.dumps(r, default=_default, separators=(",", ":")) + "\n" for r in records
+        ).encode()
+        with self._lock:  # whole lines in one O_APPEND write: a killed worker tears none
             view = memoryview(payload)
             while view:  # a regular file takes it in one write; loop in case it does not
-                written = os.write(self._fd, view)
-                view = view[written:]
-
-    def write_chunks(self, chunks: list[bytes]) -> None:
-        """Several payloads of whole lines in one O_APPEND `writev`: a flush's batches are not
-        copied into one buffer first (megabytes, under the GIL)."""
-        chunks = [chunk for chunk in chunks if chunk]
-        if len(chunks) <= 1 or len(chunks) > _IOV_MAX:
-            self.write_bytes(b"".join(chunks))
-            return
-        with self._lock:
-            written = os.writev(self._fd, chunks)
-            if written == sum(len(chunk) for chunk in chunks):
-                return
-            # A regular file takes it all; finish it in case it does not.
-            view = memoryview(b"".join(chunks))[written:]
-            while view:
                 view = view[os.write(self._fd, view) :]
 
     def close(self) -> None:
         os.close(self._fd)
 
 
+def _length(columns: LogColumns) -> int:
+    return len(columns["request_id"])
+
+
+def _leaf_array(values: list[Any]) -> pa.Array:
+    """Concatenated values of one column as Arrow (float NaN -> null; None-only -> null type,
+    which DuckDB's union_by_name widens to the other files' type)."""
+    first = values[0]
+    if all(isinstance(v, np.ndarray) for v in values):
+        array = np.concatenate(values) if len(values) > 1 else first
+        kind = array.dtype.kind
+        if kind == "f":
+            return pa.array(array, type=pa.float64(), from_pandas=True)
+        if kind in "iub":
+            return pa.array(array)
+        if kind == "M":
+            return pa.array(array.astype("datetime64[us]"), type=pa.timestamp("us"))
+        values = [array]
+    flat = [v for part in values for v in (part.tolist() if isinstance(part, np.ndarray) else part)]
+    try:
+        return pa.array(flat, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: as text, as JSON would show
+        return pa.array([None if v is None else str(v) for v in flat], type=pa.string())
+
+
+def _column(parts: list[Any], lengths: list[int]) -> pa.Array:
+    if isinstance(parts[0], dict):
+        names = list(parts[0])
+        children = [_column([p[name] for p in parts], lengths) for name in names]
+        return pa.StructArray.from_arrays(children, names=names)
+    if isinstance(parts[0], np.ndarray | list | tuple):
+        return _leaf_array(list(parts))
+    if isinstance(parts[0], datetime):
+        stamps = [v for v, n in zip(parts, lengths, strict=True) for _ in range(n)]
+        return pa.array(stamps, type=pa.timestamp("us", tz="UTC"))
+    return pa.array([v for v, n in zip(parts, lengths, strict=True) for _ in range(n)])
+
+
+def _shape(columns: LogColumns) -> tuple:
+    """Items with the same shape are concatenated column by column before Arrow sees them."""
+    return tuple(
+        (name, _shape(value) if isinstance(value, dict) else type(value).__name__)
+        for name, value in columns.items()
+    )
+
+
+def log_table(items: list[LogColumns]) -> pa.Table:
+    """One Arrow table from batches of the same shape (column names and struct fields)."""
+    lengths = [_length(item) for item in items]
+    names = list(items[0])
+    return pa.table({name: _column([item[name] for item in items], lengths) for name in names})
+
+
 class InferenceLog:
     """The worker's prediction, label and rejection logs under `directory`.
 
     `flush_interval` > 0 (the HTTP service) turns on group commit for predictions: a request
-    only queues its encoder (a closure over the columns it scored) and a background thread
-    encodes and appends everything queued, in one write, every `flush_interval` seconds. The
-    encoding leaves the request path and a batch of requests shares one write; a worker killed
-    mid-load loses at most the last `flush_interval` (plus one encoding) of predictions. 0 (the
+    only queues a closure over the columns it scored; a background thread builds and writes
+    one Parquet file of everything queued every `flush_interval` seconds. A worker killed
+    mid-load loses at most the last `flush_interval` (plus one write) of predictions. 0 (the
     default, for in-process callers that read the log right away) writes before returning."""
 
     def __init__(
-        self, directory: Path, worker: str | None = None, flush_interval: float = 0.0
+        self,
+        directory: Path,
+        worker: str | None = None,
+        flush_interval: float = 0.0,
+        compact_parts: int = 240,
     ) -> None:
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.worker = worker or worker_id()
-        self.predictions = JsonLinesWriter(self.directory / f"predictions-{self.worker}.jsonl")
+        # Two logs of one process (same worker id: tests, a reloaded service) never share names.
+        self.session = uuid.uuid4().hex[:8]
+        self._sequence = 0
+        self._parts: list[tuple[int, Path]] = []  # written since the last compaction
+        self.compact_parts = compact_parts
         self.labels = JsonLinesWriter(self.directory / f"labels-{self.worker}.jsonl")
         self.rejected = JsonLinesWriter(self.directory / f"rejected-{self.worker}.jsonl")
         self.flush_interval = flush_interval
-        self._pending: list[Callable[[], bytes]] = []
+        self._pending: list[Callable[[], LogColumns]] = []
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
-        self.flushing = False  # encoding on the flush thread (it has a core)
+        self.flushing = False  # writing on the flush thread (it has a core)
         if flush_interval > 0:
             self._flusher = threading.Thread(
                 target=self._flush_every, daemon=True, name="inference-log-flush"
@@ -197,36 +170,77 @@ class InferenceLog:
             atexit.register(self.flush)
 
     @staticmethod
-    def now() -> str:
-        return datetime.now(UTC).isoformat(timespec="microseconds")
+    def now() -> datetime:
+        return datetime.now(UTC)
 
-    def submit(self, encode: Callable[[], bytes]) -> None:
-        """Append what `encode` returns (whole JSON lines): now, or at the next group commit."""
+    def files(self) -> list[Path]:
+        """This log's prediction files (its own, not other workers' or sessions')."""
+        return sorted(self.directory.glob(f"predictions-{self.worker}.{self.session}.*.parquet"))
+
+    def submit(self, columns: Callable[[], LogColumns]) -> None:
+        """Log the batch `columns()` returns: now, or at the next group commit."""
         if self.flush_interval <= 0:
-            self.predictions.write_bytes(encode())
+            with self._flush_lock:
+                self._write([columns()])
             return
         with self._pending_lock:
-            self._pending.append(encode)
+            self._pending.append(columns)
 
     def flush(self) -> None:
-        """Encode and append every queued prediction (one write)."""
+        """Build and write every queued prediction (one file per batch shape, usually one)."""
         with self._flush_lock:
             with self._pending_lock:
                 pending, self._pending = self._pending, []
-            chunks = []
             self.flushing = bool(pending)
             try:
-                for encode in pending:
+                items = []
+                for columns in pending:
                     try:
-                        chunks.append(encode())
+                        items.append(columns())
                     except Exception:  # one bad batch must not stop the log
                         logging.getLogger(__name__).exception(
-                            "inference log: a batch failed to encode"
+                            "inference log: a batch failed to build"
                         )
-                if chunks:
-                    self.predictions.write_chunks(chunks)
+                self._write(items)
             finally:
                 self.flushing = False
+
+    def _write(self, items: list[LogColumns]) -> None:
+        groups: dict[tuple, list[LogColumns]] = {}
+        for item in items:
+            if _length(item):
+                groups.setdefault(_shape(item), []).append(item)
+        for group in groups.values():
+            sequence = self._sequence
+            self._sequence += 1
+            path = self.directory / (
+                f"predictions-{self.worker}.{self.session}.{sequence:08d}.parquet"
+            )
+            _write_parquet(log_table(group), path)
+            self._parts.append((sequence, path))
+        if len(self._parts) >= self.compact_parts:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Merge the parts written since the last compaction into one file, then delete them.
+        The merged file appears (rename) before any part goes: readers see each row once."""
+        parts, self._parts = self._parts, []
+        if len(parts) < 2:
+            return
+        try:
+            tables = [pq.read_table(path) for _, path in parts]
+            merged = pa.concat_tables(tables, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError):
+            logging.getLogger(__name__).exception("inference log: parts not merged")
+            return
+        first, last = parts[0][0], parts[-1][0]
+        _write_parquet(
+            merged,
+            self.directory
+            / f"predictions-{self.worker}.{self.session}.{first:08d}-{last:08d}.parquet",
+        )
+        for _, path in parts:
+            path.unlink(missing_ok=True)
 
     def _flush_every(self) -> None:
         while not self._stop.wait(self.flush_interval):
@@ -236,16 +250,16 @@ class InferenceLog:
         self,
         request_ids: list[str],
         model_version: str,
-        predictions: list[Any],
-        event_times: list[Any],
-        ids: dict[str, list[Any]],
-        features: dict[str, list[Any]],
+        predictions: Any,
+        event_times: Any,
+        ids: dict[str, Any],
+        features: dict[str, Any],
         shadow: dict[str, Any] | None = None,
     ) -> None:
-        """One line per prediction (see `encode_predictions`), in one append."""
+        """One row per prediction (see `prediction_columns`)."""
         now = self.now()
         self.submit(
-            lambda: encode_predictions(
+            lambda: prediction_columns(
                 request_ids, now, model_version, predictions, event_times, ids, features, shadow
             )
         )
@@ -253,82 +267,118 @@ class InferenceLog:
     def close(self) -> None:
         self._stop.set()
         self.flush()
-        for writer in (self.predictions, self.labels, self.rejected):
+        with self._flush_lock:
+            if len(self._parts) > 1:
+                self._compact()
+        for writer in (self.labels, self.rejected):
             writer.close()
 
 
-def encode_predictions(
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    """The whole file under a hidden name, then renamed: it appears complete or not at all."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, temporary, compression="snappy")
+    os.replace(temporary, path)
+
+
+def prediction_columns(
     request_ids: list[str],
-    now: str,
+    now: datetime,
     model_version: str,
-    predictions: list[Any],
-    event_times: list[Any],
-    ids: dict[str, list[Any]],
-    features: dict[str, list[Any]],
+    predictions: Any,
+    event_times: Any,
+    ids: dict[str, Any],
+    features: dict[str, Any],
     shadow: dict[str, Any] | None = None,
-) -> bytes:
-    """JSON lines, one per prediction, from columns: lists of JSON-ready values or numpy
-    arrays (float NaN -> null, datetime64 -> ISO text to the microsecond).
-
-    Lines: {request_id, logged_at, event_time, model_version, ids: {...}, features: {...},
-    prediction[, shadow: {model_version, prediction, ...}]}. Batches are encoded by Polars
-    (Rust, ~10x faster than json.dumps per line), single rows by json."""
-    count = len(request_ids)
-    shadow_columns = {}
-    if shadow is not None:
-        shadow_columns = {_singular(k): v for k, v in shadow.items() if k != "model_version"}
-    if (
-        count >= _POLARS_FROM
-        and ids
-        and features
-        and not any(isinstance(v, dict) for v in shadow_columns.values())
-    ):
-        return _ndjson(
-            request_ids,
-            now,
-            model_version,
-            predictions,
-            event_times,
-            ids,
-            features,
-            shadow["model_version"] if shadow is not None else None,
-            shadow_columns,
-        )
+) -> LogColumns:
+    """A batch's log rows as columns (numpy arrays or lists; float NaN = null):
+    {request_id, logged_at, event_time, model_version, ids: {...}, features: {...},
+    prediction[, shadow: {model_version, prediction, ...}]}."""
     if isinstance(event_times, np.ndarray) and event_times.dtype.kind == "M":
-        event_times = np.datetime_as_string(event_times, unit="us").tolist()
-    id_rows = _rows(ids, count)
-    feature_rows = _rows(features, count)
-    shadow_rows = _rows(shadow_columns, count) if shadow is not None else None
-    lines = []
-    for index in range(count):
-        line = {
-            "request_id": request_ids[index],
-            "logged_at": now,
-            "event_time": event_times[index],
-            "model_version": model_version,
-            "ids": id_rows[index],
-            "features": feature_rows[index],
-            "prediction": predictions[index],
+        event_times = event_times.astype("datetime64[us]")
+    elif not isinstance(event_times, np.ndarray):
+        event_times = list(event_times)
+    columns: LogColumns = {
+        "request_id": list(request_ids),
+        "logged_at": now,
+        "event_time": event_times,
+        "model_version": model_version,
+        "ids": dict(ids),
+        "features": dict(features),
+        "prediction": predictions,
+    }
+    if shadow is not None:
+        columns["shadow"] = {
+            "model_version": shadow["model_version"],
+            **{
+                {"predictions": "prediction", "labels": "label"}.get(key, key): value
+                for key, value in shadow.items()
+                if key != "model_version"
+            },
         }
-        if shadow_rows is not None:
-            assert shadow is not None
-            line["shadow"] = {"model_version": shadow["model_version"], **shadow_rows[index]}
-        lines.append(line)
-    return "".join(
-        json.dumps(r, default=_default, separators=(",", ":")) + "\n" for r in lines
-    ).encode()
+    return columns
 
 
-def read_predictions(directory: Path, conn: duckdb.DuckDBPyConnection | None = None):
+def prediction_files(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(Parquet files, JSON-lines files of older versions) holding the logged predictions: a
+    part a merged file of the same session covers is left out (its rows are in the merge)."""
+    directory = Path(directory)
+    merged: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    parts = []
+    for path in sorted(directory.glob("predictions-*.parquet")):
+        match = _PART.match(path.name)
+        if match is None:
+            parts.append((path, None))
+            continue
+        slot = (match["worker"], match["session"])
+        first = int(match["first"])
+        if match["last"] is not None:
+            merged.setdefault(slot, []).append((first, int(match["last"])))
+        parts.append((path, (slot, first, match["last"])))
+    files = []
+    for path, where in parts:
+        if where is not None and where[2] is None:
+            slot, sequence, _ = where
+            if any(low <= sequence <= high for low, high in merged.get(slot, [])):
+                continue
+        files.append(path)
+    legacy = [p for p in sorted(directory.glob("predictions-*.jsonl")) if p.stat().st_size > 0]
+    return files, legacy
+
+
+def _listing(paths: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def predictions_sql(directory: Path, filename: bool = False) -> str | None:
+    """A SELECT over every logged prediction in `directory` (None if there is none yet);
+    `filename` adds the column `filename` (the file a row is in)."""
+    files, legacy = prediction_files(directory)
+    selects = []
+    with_name = ", filename=true" if filename else ""
+    if files:
+        selects.append(
+            f"SELECT * FROM read_parquet({_listing(files)}, union_by_name=true{with_name})"
+        )
+    if legacy:
+        # sample_size=-1: the schema is read from every line. With DuckDB's default sample
+        # (20,480 lines) a key first seen later (`shadow`, a feature that was always null so
+        # far) is silently dropped, or read as NULL.
+        selects.append(
+            f"SELECT * FROM read_json({_listing(legacy)}, format='newline_delimited', "
+            f"union_by_name=true, sample_size=-1{with_name})"
+        )
+    if not selects:
+        return None
+    return " UNION ALL BY NAME ".join(selects)
+
+
+def read_predictions(
+    directory: Path, conn: duckdb.DuckDBPyConnection | None = None, filename: bool = False
+):
     """All logged predictions as a DuckDB relation (empty folder -> None)."""
-    files = sorted(Path(directory).glob("predictions-*.jsonl"))
-    if not files:
+    sql = predictions_sql(directory, filename=filename)
+    if sql is None:
         return None
     conn = conn or duckdb.connect()
-    # sample_size=-1: the schema is read from every line. With DuckDB's default sample (20,480
-    # lines) a key first seen later (`shadow`, a feature that was always null so far) is
-    # silently dropped, or read as NULL.
-    return conn.sql(
-        f"SELECT * FROM read_json('{Path(directory)}/predictions-*.jsonl', "
-        "format='newline_delimited', union_by_name=true, sample_size=-1)"
-    )
+    return conn.sql(sql)

@@ -46,7 +46,7 @@ from ml_lifecycle.data.features import (
     time_parts,
 )
 from ml_lifecycle.data.sources import quote, sql_literal
-from ml_lifecycle.serving.inference_log import InferenceLog, encode_predictions
+from ml_lifecycle.serving.inference_log import InferenceLog, LogColumns, prediction_columns
 from ml_lifecycle.serving.online_store import MemoryOnlineStore, OnlineStore, columns_of
 from ml_lifecycle.serving.snapshot import current_snapshot
 from ml_lifecycle.serving.transform import RequestTransform
@@ -538,6 +538,42 @@ class ServingRuntime:
                 out[_plural(key)] = [r[key] for r in results]
         return out
 
+    def score_table(
+        self, inputs: dict[str, list[Any]], request_ids: list[str] | None = None, log: bool = True
+    ) -> pa.Table:
+        """`score_columns` answered as an Arrow table: request_id, model_version, prediction
+        (binary: and label; multiclass: a probability column per class)."""
+        rows = _rows_of(inputs)
+        self._check_size(rows)
+        model = self.model
+        shadow = self.shadow
+        if not self._compiled_for(model, shadow):
+            answer = self.score_columns(inputs, request_ids, log)
+            table = {
+                "request_id": answer["request_ids"],
+                "model_version": [answer["model_version"]] * rows,
+                "prediction": answer["predictions"],
+            }
+            if "labels" in answer:
+                table["label"] = answer["labels"]
+            for level, column in answer.get("probabilities", {}).items():
+                table[f"probability_{level}"] = column
+            return pa.table(table)
+        ids, prediction = self._score_compiled(inputs, rows, model, shadow, request_ids, log)
+        out: dict[str, Any] = {
+            "request_id": pa.array(ids, pa.string()),
+            "model_version": pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(rows, dtype=np.int32)), pa.array([model.version])
+            ),
+        }
+        for name, values in self._logged_outcome(prediction, model).items():
+            if isinstance(values, dict):
+                for level, column in values.items():
+                    out[f"probability_{level}"] = pa.array(column)
+            else:
+                out[name] = pa.array(values)
+        return pa.table(out)
+
     def _check_size(self, rows: int) -> None:
         if not rows:
             raise RequestError("the batch is empty: send at least one record")
@@ -734,14 +770,26 @@ class ServingRuntime:
         # scoring).
         now = self.log.now()
         self.log.submit(
-            lambda: self._prediction_lines(
+            lambda: self._prediction_columns(
                 now, ids, prediction, columns, matrix, model, shadow, shadow_prediction
             )
         )
 
-    def _prediction_lines(
+    def _logged_outcome(self, prediction: np.ndarray, model: LoadedModel) -> dict[str, Any]:
+        """What the response says, as log columns: prediction (binary: also the label)."""
+        if self.spec.task == "binary":
+            return {"prediction": prediction, "label": (prediction >= 0.5).astype(np.int64)}
+        if self.spec.task == "multiclass":
+            classes = model.classes or []
+            return {
+                "prediction": [classes[i] for i in np.argmax(prediction, axis=1).tolist()],
+                "probabilities": {c: prediction[:, i] for i, c in enumerate(classes)},
+            }
+        return {"prediction": prediction}
+
+    def _prediction_columns(
         self,
-        now: str,
+        now: datetime,
         ids: list[str],
         prediction: np.ndarray,
         columns: dict[str, Any],
@@ -749,20 +797,19 @@ class ServingRuntime:
         model: LoadedModel,
         shadow: LoadedModel | None,
         shadow_prediction: np.ndarray | None,
-    ) -> bytes:
+    ) -> LogColumns:
         rows = len(ids)
         times = columns[TIME] if self.spec.has_time else [None] * rows
         id_columns = {name: columns[name] for name in self.spec.id_columns if name in columns}
         shadows = None
         if shadow is not None and shadow_prediction is not None:
-            shadows = self._present_columns(shadow_prediction, shadow, ids)
-            shadows.pop("request_ids")
-        presented = self._present_columns(prediction, model, ids)
-        return encode_predictions(
+            shadows = {"model_version": shadow.version}
+            shadows.update(self._logged_outcome(shadow_prediction, shadow))
+        return prediction_columns(
             ids,
             now,
             model.version,
-            presented["predictions"],
+            self._logged_outcome(prediction, model)["prediction"],
             times,
             id_columns,
             self._readable(columns, model, matrix),
@@ -780,31 +827,32 @@ class ServingRuntime:
         records,
     ) -> None:
         now = self.log.now()
-        feature_rows = readable.to_pylist()
-        times = cleaned.column(TIME).to_pylist() if self.spec.has_time else [None] * len(results)
+        times = (
+            cleaned.column(TIME).to_numpy(zero_copy_only=False)
+            if self.spec.has_time
+            else [None] * len(results)
+        )
         ids = {
             name: cleaned.column(name).to_pylist()
             for name in self.spec.id_columns
             if name in cleaned.column_names
         }
-        lines = []
-        for index, result in enumerate(results):
-            line = {
-                "request_id": result["request_id"],
-                "logged_at": now,
-                "event_time": times[index],
-                "model_version": result["model_version"],
-                "ids": {name: values[index] for name, values in ids.items()},
-                "features": feature_rows[index],
-                "prediction": result["prediction"],
-            }
-            if shadow is not None and shadow_prediction is not None:
-                line["shadow"] = {
-                    "model_version": shadow.version,
-                    **self._present(shadow_prediction[index], shadow),
-                }
-            lines.append(line)
-        self.log.predictions.write(lines)
+        features = {name: readable.column(name).to_pylist() for name in readable.column_names}
+        shadows = None
+        if shadow is not None and shadow_prediction is not None:
+            shadows = {"model_version": shadow.version}
+            shadows.update(self._logged_outcome(np.asarray(shadow_prediction), shadow))
+        columns = prediction_columns(
+            [r["request_id"] for r in results],
+            now,
+            results[0]["model_version"],
+            [r["prediction"] for r in results],
+            times,
+            ids,
+            features,
+            shadows,
+        )
+        self.log.submit(lambda: columns)
 
     def ingest_events(self, records: list[dict[str, Any]]) -> int:
         """Feed events (rows with their outcomes) to the online store; returns values added."""

@@ -1,0 +1,138 @@
+"""The prediction log's files: Parquet per flush, merged parts, old JSON-lines logs, all read
+through `read_predictions` (and the lineage lookup) by DuckDB."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+
+from ml_lifecycle.monitoring.lineage import find_prediction
+from ml_lifecycle.serving.inference_log import InferenceLog, prediction_files, read_predictions
+
+
+def _log_batch(log: InferenceLog, batch: int, rows: int = 4) -> list[str]:
+    ids = [f"b{batch}-{i}" for i in range(rows)]
+    log.write_predictions(
+        ids,
+        "v0001",
+        np.linspace(0.1, 0.9, rows),
+        np.array(["2013-05-01T10:00"] * rows, dtype="datetime64[us]"),
+        {"trip_id": np.arange(rows) + 100 * batch},
+        {
+            "distance": np.array([1.5, np.nan, 3.0, 4.0][:rows]),
+            "origin": np.array(["EWR", None, "JFK", "LGA"][:rows], dtype=object),
+        },
+    )
+    return ids
+
+
+def _count(directory: Path) -> tuple[int, int]:
+    conn = duckdb.connect()
+    relation = read_predictions(directory, conn)
+    assert relation is not None
+    relation.create_view("predictions")
+    return conn.sql("SELECT count(*), count(DISTINCT request_id) FROM predictions").fetchall()[0]
+
+
+def test_parts_are_merged_and_a_crash_before_the_deletes_duplicates_nothing(tmp_path: Path):
+    log = InferenceLog(tmp_path, worker="host-1", compact_parts=3)
+    ids = [i for batch in range(7) for i in _log_batch(log, batch)]
+    names = sorted(p.name for p in tmp_path.glob("predictions-*.parquet"))
+    session = log.session
+    assert names == [
+        f"predictions-host-1.{session}.00000000-00000002.parquet",
+        f"predictions-host-1.{session}.00000003-00000005.parquet",
+        f"predictions-host-1.{session}.00000006.parquet",
+    ]
+    assert _count(tmp_path) == (len(ids), len(ids))
+
+    # A worker killed after renaming a merged file, before deleting its parts: both are on
+    # disk, each row is still read once.
+    merged = tmp_path / names[0]
+    part = pq.read_table(merged).slice(4, 4)  # batch 1
+    pq.write_table(part, tmp_path / f"predictions-host-1.{session}.00000001.parquet")
+    # ... and a file it was writing when killed (hidden, unfinished) is never read.
+    (tmp_path / f".predictions-host-1.{session}.00000007.parquet.tmp").write_bytes(b"PAR1\x00")
+    assert _count(tmp_path) == (len(ids), len(ids))
+    files, _ = prediction_files(tmp_path)
+    assert [f.name for f in files] == names
+
+    log.close()  # merges what is left
+    assert _count(tmp_path) == (len(ids), len(ids))
+
+
+def test_rows_keep_their_values_and_types(tmp_path: Path):
+    log = InferenceLog(tmp_path, worker="w")
+    _log_batch(log, 0)
+    _log_batch(log, 1, rows=1)  # a single row: same columns
+    conn = duckdb.connect()
+    rows = (
+        read_predictions(tmp_path, conn)
+        .order("request_id")
+        .select("request_id, event_time, ids.trip_id, features, prediction, logged_at")
+        .fetchall()
+    )
+    assert [r[0] for r in rows] == ["b0-0", "b0-1", "b0-2", "b0-3", "b1-0"]
+    assert rows[1][1] == datetime(2013, 5, 1, 10, 0)
+    assert rows[4][2] == 100
+    assert rows[1][3] == {"distance": None, "origin": None}  # NaN and None are nulls
+    assert rows[2][3] == {"distance": 3.0, "origin": "JFK"}
+    assert rows[0][4] == 0.1
+    assert rows[0][5].tzinfo is not None
+
+
+def test_group_commit_writes_without_being_asked(tmp_path: Path):
+    log = InferenceLog(tmp_path, worker="w", flush_interval=0.1)
+    try:
+        ids = _log_batch(log, 0)
+        assert not list(tmp_path.glob("predictions-*.parquet"))  # queued, not written yet
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not list(tmp_path.glob("predictions-*.parquet")):
+            time.sleep(0.02)
+        assert _count(tmp_path) == (len(ids), len(ids))
+    finally:
+        log.close()
+
+
+def test_json_lines_logs_of_older_versions_are_read_beside_parquet(tmp_path: Path):
+    old = {
+        "request_id": "old-1",
+        "logged_at": "2026-11-01T10:00:00.000000+00:00",
+        "event_time": "2013-04-30T09:00:00.000000",
+        "model_version": "v0000",
+        "ids": {"trip_id": 7},
+        "features": {"distance": 2.5, "origin": "EWR"},
+        "prediction": 0.75,
+    }
+    (tmp_path / "predictions-host-9.jsonl").write_text(json.dumps(old) + "\n")
+    (tmp_path / "predictions-host-8.jsonl").write_text("")  # a worker that never scored
+    log = InferenceLog(tmp_path, worker="w")
+    _log_batch(log, 0)
+    conn = duckdb.connect()
+    read_predictions(tmp_path, conn).create_view("predictions")
+    rows = conn.sql(
+        "SELECT request_id, features.distance, CAST(event_time AS TIMESTAMP) FROM predictions "
+        "WHERE request_id IN ('old-1', 'b0-2') ORDER BY request_id"
+    ).fetchall()
+    assert rows == [
+        ("b0-2", 3.0, datetime(2013, 5, 1, 10, 0)),
+        ("old-1", 2.5, datetime(2013, 4, 30, 9, 0)),
+    ]
+
+    found = find_prediction(tmp_path, "old-1")
+    assert found["prediction"] == 0.75 and found["log_file"].endswith("predictions-host-9.jsonl")
+    found = find_prediction(tmp_path, "b0-3")
+    assert found["model_version"] == "v0001" and found["log_file"].endswith(".parquet")
+
+
+def test_an_empty_folder_has_no_predictions(tmp_path: Path):
+    assert read_predictions(tmp_path) is None
+    shutil.rmtree(tmp_path)
+    assert read_predictions(tmp_path) is None
