@@ -166,6 +166,9 @@ def test_array_implementation_equals_the_sql_definition_on_random_histories(
          "window": "2h", "lag": "20m", "statistics": statistics},
         {"name": "store_shelf_1d", "keys": ["store", "shelf"], "value": "amount",
          "window": "1d", "lag": "0m", "statistics": statistics},
+        # shares store_2h's known_at and value (the arrays share their time order) on a number key
+        {"name": "shelf_3h", "keys": ["shelf"], "value": "amount", "known_at": "settled_at",
+         "window": "3h", "lag": "1h", "statistics": ["mean", "count", "max"]},
     ]
     arrays = aggregates_of(conn, tmp_path, "".join(lines), aggregates, "arrays")
     sql = aggregates_of(conn, tmp_path, "".join(lines), aggregates, "sql")

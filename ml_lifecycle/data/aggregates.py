@@ -8,10 +8,10 @@ Two implementations of that one definition:
 - `aggregate_sql` is the definition written as DuckDB SQL: query points (t - lag) and events
   (known_at) are merged into one stream per key and a RANGE window sums what came before. It
   is short and obviously right, and the tests use it as the reference; DuckDB's RANGE frames
-  grow worse than linearly on long partitions, so the pipeline runs it only when the rows
-  cannot be aligned (see `aggregate_frame`).
-- `aggregate_frame` is what the pipeline runs: the rows come out of DuckDB as arrays,
-  events are sorted once per aggregate by (key, known_at), each row finds its window's first
+  grow worse than linearly on long partitions, so the pipeline runs `aggregate_frame`.
+- `aggregate_frame` is what the pipeline runs: the rows come out of DuckDB as arrays in one
+  scan, are put in time order once (and once per distinct `known_at`), each aggregate regroups
+  them by key code with a linear radix sort, each row finds its window's first
   and last event with two binary searches, and count/sum/mean/std are differences of running
   totals (centred on the key's mean, so the variance does not lose precision) while min/max
   come from a sparse table built one level at a time. O(n log n), flat memory, exact (equal to
@@ -25,6 +25,7 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ml_lifecycle.data.cleaning import AGG_KNOWN_AT, AGG_VALUE, MISSING_LEVEL
 from ml_lifecycle.data.sources import quote, sql_literal
@@ -76,6 +77,7 @@ def aggregate_sql(aggregate: Aggregate, table: str) -> str:
 
 
 ROWID = "__rowid"
+_RADIX_CODES = 1 << 16  # numpy's stable sort is a radix sort (O(n)) for 16-bit integers
 
 
 def aggregate_frame(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
@@ -83,81 +85,150 @@ def aggregate_frame(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
     """Every aggregate column for every row of `table`, with the row's `__rowid`, to join on
     `rowid`: one join for all aggregates instead of one window query each. (A POSITIONAL JOIN
     would need no hash table, but DuckDB runs it on one thread with every wide column flat:
-    30 s instead of 6 s at 3.4M rows.) None when the table's rowids are not 0..n-1 (rows
-    deleted since it was built); `aggregate_sql` serves then."""
-    count, top = conn.execute(
-        f"SELECT count(*), coalesce(max(rowid), -1) FROM {quote(table)}").fetchall()[0]
-    if top + 1 != count:
+    30 s instead of 6 s at 3.4M rows.) None when the spec declares no aggregate.
+
+    One scan reads what every aggregate needs, each input once (aggregates that share a key
+    column, a value or a `known_at` expression share its array). The rows are put in time
+    order once for the queries and once per distinct `known_at` for the events; each aggregate
+    then only regroups those orders by its key code (a radix sort, linear), so events and
+    queries reach `window_statistics` already sorted by (key, time)."""
+    if not spec.aggregates:
         return None
-    columns: dict[str, pa.Array] = {ROWID: pa.array(np.arange(count, dtype=np.int64))}
+    values = {agg.value: quote(AGG_VALUE.format(agg.name)) for agg in reversed(spec.aggregates)}
+    known = {agg.known_at or TIME: quote(AGG_KNOWN_AT.format(agg.name))
+             for agg in reversed(spec.aggregates)}
+    keys = list(dict.fromkeys(k for agg in spec.aggregates for k in agg.keys))
+    items = [f"rowid AS {ROWID}", f"epoch_us({TIME}) AS __t"]
+    items += [f"{quote(k)} AS __k{i}" for i, k in enumerate(keys)]
+    items += [f"{column} AS __v{i}" for i, column in enumerate(values.values())]
+    items += [f"epoch_us({column}) AS __e{i}" for i, column in enumerate(known.values())]
+    fetched = conn.sql(f"SELECT {', '.join(items)} FROM {quote(table)}").to_arrow_table()
+    count = fetched.num_rows
+    rowid = _int64(fetched.column(ROWID))[0]
+    times, has_time = _int64(fetched.column("__t"))
+    key_codes = {k: _key_codes(fetched.column(f"__k{i}")) for i, k in enumerate(keys)}
+    value_arrays = {expr: _float64(fetched.column(f"__v{i}")) for i, expr in enumerate(values)}
+    known_arrays = {expr: _int64(fetched.column(f"__e{i}")) for i, expr in enumerate(known)}
+    del fetched
+    by_time = _time_order(times, has_time)
+    by_known: dict[str, np.ndarray] = {}
+    columns: dict[str, pa.Array] = {ROWID: pa.array(rowid)}
     for aggregate in spec.aggregates:
-        rowid, stats = _compute_arrays(conn, aggregate, table)
+        codes, n_codes = _combined_codes([key_codes[k] for k in aggregate.keys])
+        expr = aggregate.known_at or TIME
+        if expr not in by_known:
+            by_known[expr] = _time_order(*known_arrays[expr])
+        event_at, event_known = known_arrays[expr]
+        value, value_known = value_arrays[aggregate.value]
+        q_rows, q_code = _group_by_code(by_time, codes, n_codes)
+        e_valid = event_known & value_known
+        e_rows, e_code = _group_by_code(by_known[expr][e_valid[by_known[expr]]], codes, n_codes)
+        lag = int(aggregate.lag.total_seconds() * 1_000_000)
+        window = int(aggregate.window.total_seconds() * 1_000_000)
+        stats = window_statistics(q_code, times[q_rows] - lag, e_code, event_at[e_rows],
+                                  value[e_rows], window, list(aggregate.statistics),
+                                  presorted=True)
         for stat in aggregate.statistics:
-            values, valid = stats[stat]
-            full = np.zeros(count, dtype=values.dtype)
+            result, valid = stats[stat]
+            full = np.zeros(count, dtype=result.dtype)
             present = np.zeros(count, dtype=bool)
-            full[rowid] = values
-            present[rowid] = valid
-            del values, valid
+            full[q_rows] = result
+            present[q_rows] = valid
             columns[f"{aggregate.name}_{stat}"] = pa.array(full, mask=~present)
     return pa.table(columns)
 
 
-def _compute_arrays(conn: duckdb.DuckDBPyConnection, aggregate: Aggregate, table: str
-                    ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    key_list = [quote(k) for k in aggregate.keys]
-    keys = ", ".join(key_list)
-    not_null = " AND ".join(
-        f"{quote(k)} IS NOT NULL AND CAST({quote(k)} AS VARCHAR) <> {sql_literal(MISSING_LEVEL)}"
-        for k in aggregate.keys)
-    value = quote(AGG_VALUE.format(aggregate.name))
-    known_at = quote(AGG_KNOWN_AT.format(aggregate.name))
-    lag_us = int(aggregate.lag.total_seconds() * 1_000_000)
-    window_us = int(aggregate.window.total_seconds() * 1_000_000)
-    # Keys become dense integer codes (exact, whatever their types); times become microseconds.
-    # Only the columns needed travel through the join.
-    needed = ", ".join(dict.fromkeys([*key_list, TIME, value, known_at]))
-    coded = (f"(SELECT t.__rowid, c.__code, t.* EXCLUDE (__rowid) FROM "
-             f"(SELECT rowid AS __rowid, {needed} FROM {quote(table)}) t JOIN "
-             f"(SELECT {keys}, (row_number() OVER ())::BIGINT AS __code FROM "
-             f"(SELECT DISTINCT {keys} FROM {quote(table)} WHERE {not_null})) c USING ({keys}))")
-    conn.execute(f"CREATE OR REPLACE TEMP TABLE __aggregate_coded AS "
-                 f"SELECT __rowid, __code, epoch_us({TIME}) - {lag_us} AS __q, "
-                 f"epoch_us({known_at}) AS __e, {value} AS __v FROM {coded}")
-    try:
-        queries = conn.execute("SELECT __rowid, __code, __q FROM __aggregate_coded "
-                               "WHERE __q IS NOT NULL").fetchnumpy()
-        events = conn.execute("SELECT __code, __e, __v FROM __aggregate_coded "
-                              "WHERE __e IS NOT NULL AND __v IS NOT NULL").fetchnumpy()
-    finally:
-        conn.execute("DROP TABLE IF EXISTS __aggregate_coded")
-    q_rowid = np.asarray(queries["__rowid"], dtype=np.int64)
-    stats = window_statistics(
-        np.asarray(queries["__code"], dtype=np.int64), np.asarray(queries["__q"], dtype=np.int64),
-        np.asarray(events["__code"], dtype=np.int64), np.asarray(events["__e"], dtype=np.int64),
-        np.asarray(events["__v"], dtype=np.float64), window_us, list(aggregate.statistics))
-    return q_rowid, stats
+def _int64(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(values with nulls as 0, validity) of an integer column."""
+    column = column.combine_chunks()
+    if column.null_count == 0:
+        return column.to_numpy().astype(np.int64, copy=False), np.ones(len(column), bool)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return column.fill_null(0).to_numpy().astype(np.int64, copy=False), valid
+
+
+def _float64(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    column = column.combine_chunks()
+    if column.null_count == 0:
+        return column.to_numpy().astype(np.float64, copy=False), np.ones(len(column), bool)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return column.fill_null(0.0).to_numpy().astype(np.float64, copy=False), valid
+
+
+def _key_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, int]:
+    """Dense codes of a key column's values (a hash, exact whatever the type) and their count;
+    -1 where the key is missing: NULL, or the level cleaning gives a NULL category (pooling
+    such rows would mix unrelated rows into one history; `aggregate_sql` excludes them too)."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    dictionary = encoded.dictionary
+    text = dictionary if pa.types.is_string(dictionary.type) or \
+        pa.types.is_large_string(dictionary.type) else dictionary.cast(pa.string())
+    missing = pc.index(text, MISSING_LEVEL).as_py()
+    if missing >= 0:
+        codes[codes == missing] = -1
+    return codes, len(dictionary)
+
+
+def _combined_codes(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, int]:
+    """Dense codes of a tuple of keys (-1 when any part is missing), and their count."""
+    codes, size = parts[0]
+    for more, more_size in parts[1:]:
+        valid = (codes >= 0) & (more >= 0)
+        # Both parts are dense (< 2^31), so the pair fits an int64; then only the pairs that
+        # occur are numbered, which keeps the codes dense for the next part and the radix sort.
+        pairs = pa.array(np.where(valid, codes * more_size + more, 0), mask=~valid)
+        encoded = pc.dictionary_encode(pairs)
+        codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        size = len(encoded.dictionary)
+    return codes, size
+
+
+def _time_order(times: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Row indices with a time, in time order (stable: ties keep row order)."""
+    rows = np.flatnonzero(valid) if not valid.all() else np.arange(len(times))
+    return rows[np.argsort(times[rows], kind="stable")]
+
+
+def _group_by_code(rows: np.ndarray, codes: np.ndarray, n_codes: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` (in time order) regrouped by key code, time order kept within a code, rows
+    without a key dropped: (rows, their codes), sorted by (code, time)."""
+    row_codes = codes[rows]
+    keep = row_codes >= 0
+    if not keep.all():
+        rows, row_codes = rows[keep], row_codes[keep]
+    sortable = row_codes.astype(np.uint16) if n_codes <= _RADIX_CODES else row_codes
+    order = np.argsort(sortable, kind="stable")
+    return rows[order], row_codes[order]
 
 
 def window_statistics(q_code: np.ndarray, q_at: np.ndarray, e_code: np.ndarray,
                       e_at: np.ndarray, e_val: np.ndarray, window: int,
-                      statistics: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                      statistics: list[str], presorted: bool = False
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """For each query (code, t): the statistics of the events with the same code and a time in
-    [t - window, t], both ends included. Returns {statistic: (values, valid mask)}."""
+    [t - window, t], both ends included. Returns {statistic: (values, valid mask)}.
+    `presorted`: events and queries both come sorted by (code, time); no sort is needed."""
     n_q = len(q_at)
     if len(e_at) == 0 or n_q == 0:
         zero = np.zeros(n_q)
         return {s: (zero.astype(np.int64), np.ones(n_q, bool)) if s == "count"
                 else (zero, np.zeros(n_q, bool)) for s in statistics}
     e_key, q_hi_key, q_lo_key = _packed_keys(q_code, q_at, e_code, e_at, window)
-    order = np.argsort(e_key, kind="stable")
-    e_key, e_code, values = e_key[order], e_code[order], e_val[order]
-    # Binary searches with sorted needles walk the events once (numpy reuses the last bound).
-    q_order = np.argsort(q_hi_key, kind="stable")
-    hi = np.empty(n_q, dtype=np.int64)
-    lo = np.empty(n_q, dtype=np.int64)
-    hi[q_order] = np.searchsorted(e_key, q_hi_key[q_order], side="right")
-    lo[q_order] = np.searchsorted(e_key, q_lo_key[q_order], side="left")
+    if presorted:
+        values = e_val
+        hi = np.searchsorted(e_key, q_hi_key, side="right")
+        lo = np.searchsorted(e_key, q_lo_key, side="left")
+    else:
+        order = np.argsort(e_key, kind="stable")
+        e_key, e_code, values = e_key[order], e_code[order], e_val[order]
+        # Binary searches with sorted needles walk the events once (numpy reuses the last bound).
+        q_order = np.argsort(q_hi_key, kind="stable")
+        hi = np.empty(n_q, dtype=np.int64)
+        lo = np.empty(n_q, dtype=np.int64)
+        hi[q_order] = np.searchsorted(e_key, q_hi_key[q_order], side="right")
+        lo[q_order] = np.searchsorted(e_key, q_lo_key[q_order], side="left")
     count = hi - lo
     has = count > 0
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {"count": (count.astype(np.int64),
