@@ -61,10 +61,19 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "bench_serving.json"
 LUA = r"""
 local bodies = {}
-for line in io.lines(os.getenv("WRK_BODIES")) do bodies[#bodies + 1] = line end
+if os.getenv("WRK_BODY_FILES") == "1" then
+  -- binary bodies (Arrow IPC): one file each, listed one path per line
+  for path in io.lines(os.getenv("WRK_BODIES")) do
+    local handle = io.open(path, "rb")
+    bodies[#bodies + 1] = handle:read("*a")
+    handle:close()
+  end
+else
+  for line in io.lines(os.getenv("WRK_BODIES")) do bodies[#bodies + 1] = line end
+end
 local limit = tonumber(os.getenv("WRK_MAX_REQUESTS_PER_THREAD") or "0")
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE") or "application/json"
 local i = 0
 local done = 0
 function init(args)
@@ -212,6 +221,17 @@ def load_requests(setup: dict[str, Any], service: Any, rows: int) -> dict[str, A
     }
 
 
+def arrow_body(records: list[dict[str, Any]], fields: list[str]) -> bytes:
+    """An Arrow IPC stream of the records, one column per field (what /predict_arrow takes)."""
+    import pyarrow as pa
+
+    table = pa.table({f: [r[f] for r in records] for f in fields})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 # -- in process ------------------------------------------------------------------------------
 
 
@@ -273,13 +293,17 @@ def bench_runtime(runtime: Any, requests: dict[str, Any]) -> dict[str, Any]:
 
 
 def profile_score(
-    service: Any, requests: dict[str, Any], size: int, repeats: int
+    service: Any, requests: dict[str, Any], size: int, repeats: int, arrow: bool = False
 ) -> dict[str, float]:
     """One `ServingRuntime.score()` taken apart (the same calls, timed one by one)."""
     runtime = service.RUNTIME
     model = runtime.model
     bodies = [
         json.dumps(requests["records"][i : i + size]).encode()
+        for i in range(0, size * repeats, size)
+    ]
+    bodies_arrow = [
+        arrow_body(requests["records"][i : i + size], requests["fields"])
         for i in range(0, size * repeats, size)
     ]
     steps: dict[str, list[float]] = {}
@@ -299,6 +323,14 @@ def profile_score(
             records = [adapter.validate_json(body[1:-1]).model_dump()]
             inputs = {name: [r.get(name) for r in records] for name in names}
             t = tick("request: pydantic Record validate + dump", t)
+        elif arrow:  # /predict_arrow: read the IPC stream, check its column types
+            import pyarrow as pa
+
+            records = bodies_arrow[bodies.index(body)]
+            t = time.perf_counter()
+            inputs = service.VALIDATOR.arrow(pa.ipc.open_stream(records).read_all())
+            records = next(iter(inputs.values()))
+            t = tick("request: Arrow IPC read + column checks", t)
         else:  # /predict_batch: JSON parse, then Record's rules column by column
             records = service.Batch.model_validate_json(b'{"records": ' + body + b"}").records
             inputs = service.VALIDATOR.records(records)
@@ -325,14 +357,24 @@ def profile_score(
         prediction = np.asarray(model.booster.predict(matrix, **extra))
         t = tick("LightGBM predict", t)
         ids = [f"r{i}" for i in range(len(records))]
-        results = runtime._present_all(prediction, model, ids)
-        t = tick("present results", t)
+        if arrow:
+            import pyarrow as pa
+
+            answer = pa.table({"request_id": ids, "prediction": prediction})
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, answer.schema) as writer:
+                writer.write_table(answer)
+            t = tick("present results + response Arrow IPC", t)
+        else:
+            results = runtime._present_all(prediction, model, ids)
+            t = tick("present results", t)
         runtime._log_compiled(ids, prediction, columns, matrix, model, None, None)
         t = tick("inference log: queue (request thread)", t)
         runtime.log.flush()
-        t = tick("inference log: encode + write (flush thread)", t)
-        json.dumps(results)
-        tick("response JSON", t)
+        t = tick("inference log: Parquet build + write (flush thread)", t)
+        if not arrow:
+            json.dumps(results)
+            tick("response JSON", t)
     return {name: round(statistics.median(values) * 1000, 4) for name, values in steps.items()}
 
 
@@ -363,8 +405,16 @@ def start(target: str, env: dict[str, str], log: Path, cwd: Path) -> Any:
     return start_server(env, log, target=target, timeout=600, cwd=cwd)
 
 
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+
 def run_wrk(
-    url: str, bodies_file: Path, connections: int, duration: float, max_requests: int
+    url: str,
+    bodies_file: Path,
+    connections: int,
+    duration: float,
+    max_requests: int,
+    content_type: str = "application/json",
 ) -> dict[str, Any]:
     threads = min(connections, 2)
     script = bodies_file.with_suffix(".lua")
@@ -372,6 +422,8 @@ def run_wrk(
     env = {
         **os.environ,
         "WRK_BODIES": str(bodies_file),
+        "WRK_BODY_FILES": "1" if content_type == ARROW_STREAM else "0",
+        "WRK_CONTENT_TYPE": content_type,
         "WRK_MAX_REQUESTS_PER_THREAD": str(max(1, max_requests // threads)),
     }
     result = subprocess.run(
@@ -429,7 +481,12 @@ def run_wrk(
 
 
 def run_python(
-    url: str, bodies: list[bytes], connections: int, duration: float, max_requests: int
+    url: str,
+    bodies: list[bytes],
+    connections: int,
+    duration: float,
+    max_requests: int,
+    content_type: str = "application/json",
 ) -> dict[str, Any]:
     import threading
 
@@ -440,7 +497,7 @@ def run_python(
     stop = time.monotonic() + duration
 
     def worker(offset: int) -> None:
-        with httpx.Client(timeout=20, headers={"content-type": "application/json"}) as client:
+        with httpx.Client(timeout=20, headers={"content-type": content_type}) as client:
             i = offset
             while time.monotonic() < stop and len(latencies) < max_requests:
                 i = (i + 1) % len(bodies)
@@ -478,6 +535,7 @@ def http_scenarios(
     matrix: list[bytes] | None = None,
     columns: list[bytes] | None = None,
     floor: list[bytes] | None = None,
+    arrow: list[bytes] | None = None,
 ) -> dict[str, Any]:
     import httpx
 
@@ -488,6 +546,21 @@ def http_scenarios(
         path = work / f"{name}_{kind}.jsonl"
         path.write_bytes(b"\n".join(bodies) + b"\n")
         files[kind] = (path, bodies)
+    if arrow:  # binary: one file per body, listed
+        paths = []
+        for index, body in enumerate(arrow):
+            paths.append(work / f"{name}_arrow_{index}.arrows")
+            paths[-1].write_bytes(body)
+        listing = work / f"{name}_arrow.list"
+        listing.write_text("".join(f"{p}\n" for p in paths))
+        files["arrow"] = (listing, arrow)
+        with httpx.Client(timeout=60) as client:
+            response = client.post(
+                f"{server.url}/predict_arrow",
+                content=arrow[0],
+                headers={"content-type": ARROW_STREAM},
+            )
+            assert response.status_code == 200, response.text[:500]
     with httpx.Client(timeout=60, headers={"content-type": "application/json"}) as client:
         for body in single[:200]:  # warm-up; every body class must be accepted
             response = client.post(f"{server.url}/predict", content=body)
@@ -507,6 +580,9 @@ def http_scenarios(
     if columns:  # ours: one list per field
         plan.append(("batch1000_columns_c1", "predict_columns", "columns", 1, args.max_batches))
         plan.append(("batch1000_columns_c2", "predict_columns", "columns", 2, args.max_batches))
+    if arrow:  # ours: an Arrow IPC stream in, Arrow out
+        plan.append(("batch1000_arrow_c1", "predict_arrow", "arrow", 1, args.max_batches))
+        plan.append(("batch1000_arrow_c2", "predict_arrow", "arrow", 2, args.max_batches))
     if floor:  # no model: what BentoML itself costs per request
         plan.insert(0, ("floor_sync_c1", "noop_sync", "floor", 1, args.max_single))
         plan.insert(0, ("floor_async_c1", "noop", "floor", 1, args.max_single))
@@ -514,13 +590,14 @@ def http_scenarios(
         before = load1()
         path, bodies = files[kind]
         url = f"{server.url}/{route}"
+        content_type = ARROW_STREAM if kind == "arrow" else "application/json"
         result = (
-            run_wrk(url, path, connections, args.duration, limit)
+            run_wrk(url, path, connections, args.duration, limit, content_type)
             if use_wrk
-            else run_python(url, bodies, connections, args.duration, limit)
+            else run_python(url, bodies, connections, args.duration, limit, content_type)
         )
         result["load_before"], result["load_after"] = before, load1()
-        if kind in ("batch", "matrix", "columns"):
+        if kind in ("batch", "matrix", "columns", "arrow"):
             result["rows_per_s"] = round(result["requests_per_s"] * 1000)
         out[key] = result
         print(
@@ -592,6 +669,12 @@ def table(results: dict[str, Any]) -> str:
             + " | ".join(cell(v, key, "rows_per_s", "{:,.0f}") for v in ("ours", "ours_nolog"))
             + " |"
         )
+    for key, label in (("batch1000_arrow_c1", "1 conn"), ("batch1000_arrow_c2", "2 conns")):
+        rows.append(
+            f"| 1000-row batches as Arrow IPC (/predict_arrow), rows/s, {label} | - | - | "
+            + " | ".join(cell(v, key, "rows_per_s", "{:,.0f}") for v in ("ours", "ours_nolog"))
+            + " |"
+        )
     rows.append(
         "| 1000-row batches, rows/s, positional lists (no field names), 1 conn | - | "
         + cell("bare", "batch1000_matrix_c1", "rows_per_s", "{:,.0f}")
@@ -632,6 +715,8 @@ def logging_cost(http: dict[str, Any]) -> dict[str, Any]:
         "batch1000_c2",
         "batch1000_columns_c1",
         "batch1000_columns_c2",
+        "batch1000_arrow_c1",
+        "batch1000_arrow_c2",
     ):
         on = http.get("ours", {}).get(key, {}).get("requests_per_s")
         off = http.get("ours_nolog", {}).get(key, {}).get("requests_per_s")
@@ -674,7 +759,7 @@ def main() -> None:
         setup = prepare(args, work)
         print(f"data: {setup['dataset']} (home {setup['home']})", flush=True)
         inference = setup["spec"].paths().inference
-        existing = set(inference.glob("*.jsonl")) if inference.exists() else set()
+        existing = set(inference.glob("*")) if inference.exists() else set()
         print("starting the in-process service (seeding the online store)...", flush=True)
         started = time.perf_counter()
         import ml_lifecycle.serving.service as service  # the HTTP service's own runtime
@@ -712,6 +797,7 @@ def main() -> None:
         results["profile_ms"] = {
             "single_row": profile_score(service, requests, 1, 200),
             "batch_1000": profile_score(service, requests, 1000, 5),
+            "batch_1000_arrow": profile_score(service, requests, 1000, 5, arrow=True),
         }
         runtime.close()
         print("in-process ServingRuntime.score through the SQL per request (before)...", flush=True)
@@ -728,6 +814,11 @@ def main() -> None:
             json.dumps(
                 {"columns": {f: [r[f] for r in requests["records"][i : i + 1000]] for f in fields}}
             ).encode()
+            for i in range(0, min(len(requests["records"]), 10_000), 1000)
+            if len(requests["records"][i : i + 1000]) == 1000
+        ]
+        arrow_ours = [
+            arrow_body(requests["records"][i : i + 1000], fields)
             for i in range(0, min(len(requests["records"]), 10_000), 1000)
             if len(requests["records"][i : i + 1000]) == 1000
         ]
@@ -766,7 +857,7 @@ def main() -> None:
                 env["ML_LIFECYCLE_INFERENCE_LOG"] = "0" if variant == "ours_nolog" else "1"
                 target, cwd = "ml_lifecycle.serving.service:Predictor", REPO
                 bodies = (single_ours, batch_ours)
-                extra = {"columns": columns_ours}
+                extra = {"columns": columns_ours, "arrow": arrow_ours}
             print(f"serving {variant}...", flush=True)
             started = time.perf_counter()
             server = start(target, env, work / f"{variant}.log", cwd)
@@ -812,7 +903,7 @@ def main() -> None:
             print(f"  {size}: " + ", ".join(f"{k} {v}" for k, v in steps.items()))
         print(f"\nwritten to {args.out}")
         if inference.exists():
-            for file in set(inference.glob("*.jsonl")) - existing:
+            for file in set(inference.glob("*")) - existing:
                 file.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -8,7 +8,9 @@ over its values. The rules are the `Record` model's: unknown fields rejected, re
 present, null only where the field is nullable or optional, numbers finite (a JSON integer is a
 float, `true` or "1.5" is not), integers integral and in the column's range, strings for text.
 Other types (dates, timestamps, structs) go through a pydantic adapter of the same item type.
-Every error names where it is (`records.3.distance`, `columns.distance.0`).
+Arrow IPC bodies (`arrow`) are checked on their column types instead (an Arrow integer column
+holds integers by construction), then values the types do not vouch for: nulls, finiteness,
+ranges. Every error names where it is (`records.3.distance`, `columns.distance.0`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ml_lifecycle.serving.runtime import RequestError, RequestField
 
@@ -131,6 +135,87 @@ class BatchValidator:
             self._check(rule, values, lambda i, n=rule.name: f"{where}.{i}.{n}")
             out[rule.name] = values
         return out
+
+    def arrow(self, table: pa.Table, where: str = "arrow") -> dict[str, list[Any]]:
+        """An Arrow table (one column per field) checked by column type, as columns of Python
+        values; optional fields may be left out."""
+        names = table.column_names
+        if len(set(names)) != len(names):
+            raise RequestError(f"{where}: a field is sent twice: {names}")
+        unknown = sorted(set(names) - self.names)
+        if unknown:
+            raise RequestError(f"{where}: unknown field(s) {unknown}; known: {sorted(self.names)}")
+        missing = sorted(self.required - set(names))
+        if missing:
+            raise RequestError(f"{where}: missing required field(s) {missing}")
+        self._size(table.num_rows, where, "rows")
+        out: dict[str, list[Any]] = {}
+        for rule in self.rules:
+            if rule.name in names:
+                column = table.column(rule.name)
+                out[rule.name] = self._check_arrow(rule, column, f"{where}.{rule.name}")
+        return out
+
+    def _check_arrow(self, rule: _Rule, column: pa.ChunkedArray, at: str) -> list[Any]:
+        kind = column.type
+        if pa.types.is_dictionary(kind):
+            column = column.cast(kind.value_type)
+            kind = column.type
+        if column.null_count and not rule.allows_null:
+            index = int(pc.index(pc.is_null(column), True).as_py())
+            raise RequestError(f"{at}.{index}: {rule.name} may not be null")
+
+        def wrong(expected: str) -> RequestError:
+            return RequestError(f"{at}: expected a column of {expected}, found Arrow type {kind}")
+
+        if rule.python_type is float:
+            if not (
+                pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_null(kind)
+            ):
+                raise wrong("numbers (float or integer)")
+            values = column.cast(pa.float64())
+            finite = pc.fill_null(pc.is_finite(values), True)
+            if not pc.all(finite).as_py():
+                index = int(pc.index(finite, False).as_py())
+                raise RequestError(
+                    f"{at}.{index}: expected a finite number, found {values[index].as_py()!r}"
+                )
+            return values.to_pylist()
+        if rule.python_type is int:
+            if not (pa.types.is_integer(kind) or pa.types.is_null(kind)):
+                raise wrong("integers")
+            if rule.low is not None and rule.high is not None and len(column) > column.null_count:
+                bounds = pc.min_max(column).as_py()
+                if bounds["min"] < rule.low or bounds["max"] > rule.high:
+                    wide = column.cast(pa.float64())
+                    bad = pc.or_(pc.less(wide, rule.low), pc.greater(wide, rule.high))
+                    index = int(pc.index(pc.fill_null(bad, False), True).as_py())
+                    raise RequestError(
+                        f"{at}.{index}: expected an integer in [{rule.low}, {rule.high}], "
+                        f"found {column[index].as_py()!r}"
+                    )
+            return column.to_pylist()
+        if rule.python_type is str:
+            if not (
+                pa.types.is_string(kind)
+                or pa.types.is_large_string(kind)
+                or pa.types.is_string_view(kind)
+                or pa.types.is_null(kind)
+            ):
+                raise wrong("strings")
+            return column.to_pylist()
+        if rule.python_type is bool:
+            if not (pa.types.is_boolean(kind) or pa.types.is_null(kind)):
+                raise wrong("booleans")
+            return column.to_pylist()
+        if pa.types.is_timestamp(kind) and kind.tz is not None:
+            raise RequestError(
+                f"{at}: expected the dataset's local date-time (a timestamp without time "
+                f"zone), found Arrow type {kind}: a zone would shift it"
+            )
+        values = column.to_pylist()
+        self._check(rule, values, lambda i: f"{at}.{i}")
+        return values
 
     @staticmethod
     def _check(rule: _Rule, values: list[Any], at: Callable[[int], str]) -> None:

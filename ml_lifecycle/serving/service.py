@@ -7,7 +7,9 @@ a restart). Set ML_LIFECYCLE_SHADOW=1 to also score the challenger (logged, not 
 
 Routes: POST /predict (one record, the bare JSON object), POST /predict_batch ({"records": [...]}),
 POST /predict_columns ({"columns": {"<field>": [...], ...}}: the same batch as one list per field,
-answered as lists; much less JSON and validation per row), POST /events ({"events": [...]}: rows with their outcomes, keeping history features current),
+answered as lists; much less JSON and validation per row), POST /predict_arrow (the batch as an
+Arrow IPC stream, content-type application/vnd.apache.arrow.stream, one column per field;
+answered as an Arrow IPC stream: nothing to parse), POST /events ({"events": [...]}: rows with their outcomes, keeping history features current),
 POST /labels ({"labels": [{"request_id": ..., "label": ...}]}), POST /model (what is served).
 """
 
@@ -19,6 +21,7 @@ from datetime import date, datetime
 from typing import Annotated, Any
 
 import bentoml
+import pyarrow as pa
 from bentoml.exceptions import InvalidArgument
 from pydantic import (
     AfterValidator,
@@ -31,6 +34,7 @@ from pydantic import (
     create_model,
     model_validator,
 )
+from starlette.responses import Response
 
 from ml_lifecycle.serving.request_validation import BatchValidator, InvalidValue
 from ml_lifecycle.serving.runtime import RequestError, RequestField, ServingRuntime
@@ -193,8 +197,15 @@ class Labels(BaseModel):
     labels: list[Label] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+ARROW_ROUTE = "/predict_arrow"
+_ARROW_BODY = "ml_lifecycle.arrow_body"  # where the middleware leaves an Arrow body (scope key)
+
+
 class JsonOnly:
-    """Reject non-JSON POST bodies (415) and bodies over the size limit (413) before parsing."""
+    """Reject bodies of other types (415) and over the size limit (413) before parsing: JSON
+    everywhere, an Arrow IPC stream on /predict_arrow. BentoML parses JSON only: the Arrow body
+    is read here, left in the request's scope, and BentoML is handed `{}`."""
 
     def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -205,10 +216,10 @@ class JsonOnly:
             headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             length = headers.get("content-length")
-            if content_type and content_type != "application/json":
-                await _answer(
-                    send, 415, f"content-type must be application/json, found {content_type!r}"
-                )
+            arrow = scope.get("path") == ARROW_ROUTE
+            expected = ARROW_STREAM if arrow else "application/json"
+            if (content_type or arrow) and content_type != expected:
+                await _answer(send, 415, f"content-type must be {expected}, found {content_type!r}")
                 return
             if length and length.isdigit() and int(length) > self.max_bytes:
                 await _answer(
@@ -217,7 +228,109 @@ class JsonOnly:
                     f"request body of {length} bytes exceeds the limit of {self.max_bytes} bytes",
                 )
                 return
+            if arrow:
+                body = await _read_body(receive, self.max_bytes)
+                if body is None:
+                    await _answer(send, 413, f"request body exceeds {self.max_bytes} bytes")
+                    return
+                scope = {
+                    **scope,
+                    _ARROW_BODY: body,
+                    "headers": [
+                        (k, v)
+                        for k, v in scope.get("headers", [])
+                        if k.lower() not in (b"content-type", b"content-length")
+                    ]
+                    + [(b"content-type", b"application/json"), (b"content-length", b"2")],
+                }
+                receive = _replay(b"{}")
+        elif scope["type"] == "http" and scope.get("path") == "/docs.json":
+            await self.app(scope, receive, _documenting_arrow(send))
+            return
         await self.app(scope, receive, send)
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _documenting_arrow(send):
+    """`send` for /docs.json that documents /predict_arrow's Arrow bodies (BentoML knows only
+    the JSON it parses)."""
+    import json
+
+    start: dict[str, Any] = {}
+
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+            return
+        if message["type"] == "http.response.body" and start:
+            body = message.get("body", b"")
+            try:
+                document = json.loads(body)
+                operation = document["paths"][ARROW_ROUTE]["post"]
+            except (ValueError, KeyError):
+                await send(start)
+                await send(message)
+                return
+            operation["requestBody"] = {
+                "required": True,
+                "description": _ARROW_REQUEST,
+                "content": {ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}},
+            }
+            answer = operation.setdefault("responses", {}).setdefault("200", {})
+            answer["description"] = _ARROW_RESPONSE
+            answer["content"] = {ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}}
+            body = json.dumps(document).encode()
+            headers = [
+                (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"
+            ]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await send(message)
+
+    return wrapped
+
+
+_ARROW_REQUEST = (
+    "An Arrow IPC stream (one record batch or more) with one column per request field, named "
+    "as in the Columns schema of /predict_columns; required fields present, optional ones may "
+    "be left out. Column types: integer fields an Arrow integer type, number fields an integer "
+    "or floating type (finite), text fields string, date-times a timestamp without time zone. "
+    f"1 to {MAX_BATCH} rows."
+)
+_ARROW_RESPONSE = (
+    "An Arrow IPC stream: request_id, model_version, prediction (binary: and label; "
+    "multiclass: probability_<class> per class), one row per request row, in order."
+)
 
 
 async def _answer(send, status: int, message: str) -> None:
@@ -276,6 +389,27 @@ class Predictor:
             return self.runtime.score_columns(VALIDATOR.columns(batch.columns))
         except RequestError as error:
             raise InvalidArgument(str(error)) from None
+
+    @bentoml.api(route=ARROW_ROUTE)
+    def predict_arrow(self, ctx: bentoml.Context) -> bytes:
+        """Score a batch sent as an Arrow IPC stream (content-type
+        application/vnd.apache.arrow.stream), one column per field; answers an Arrow IPC
+        stream (request_id, model_version, prediction, label|probability_<class>)."""
+        body = ctx.request.scope.get(_ARROW_BODY)
+        if body is None:
+            raise InvalidArgument(f"send the batch as an Arrow IPC stream ({ARROW_STREAM})")
+        try:
+            table = pa.ipc.open_stream(body).read_all()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as error:
+            raise InvalidArgument(f"the body is not a readable Arrow IPC stream: {error}") from None
+        try:
+            answer = self.runtime.score_table(VALIDATOR.arrow(table))
+        except RequestError as error:
+            raise InvalidArgument(str(error)) from None
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, answer.schema) as writer:
+            writer.write_table(answer)
+        return Response(sink.getvalue().to_pybytes(), media_type=ARROW_STREAM)
 
     @bentoml.api(route="/events")
     def events(self, events: Events, /) -> dict[str, Any]:
