@@ -94,7 +94,10 @@ def _leaf_array(values: list[Any]) -> pa.Array:
             return pa.array(array)
         if kind == "M":
             return pa.array(array.astype("datetime64[us]"), type=pa.timestamp("us"))
-        values = [array]
+        try:  # objects (text, None): Arrow reads the array itself, no list in between
+            return pa.array(array, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            values = [array]
     flat = [v for part in values for v in (part.tolist() if isinstance(part, np.ndarray) else part)]
     try:
         return pa.array(flat, from_pandas=True)

@@ -9,6 +9,7 @@ Events arrive from the pipeline's snapshot at start and from the event feed whil
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import uuid
@@ -273,9 +274,15 @@ class MemoryOnlineStore:
             return self._query_one(
                 aggregate, flat, rank_of(tuple(keys[0])), int(lows[0]), int(highs[0])
             )
+        if not all(type(k) is tuple for k in keys[:1]):
+            keys = [tuple(k) for k in keys]
+        # dict.get mapped in C (no Python call per row); the rows it does not find are sorted
+        # out after: a valid key with no history yet (-1) or an invalid key (-2).
         ranks = np.fromiter(
-            (rank_of(k if type(k) is tuple else tuple(k)) for k in keys), dtype=np.int64, count=rows
+            map(flat.rank.get, keys, itertools.repeat(-3, rows)), dtype=np.int64, count=rows
         )
+        for index in np.flatnonzero(ranks == -3).tolist():
+            ranks[index] = rank_of(tuple(keys[index]))
         known = ranks >= 0
         out = {stat: np.full(rows, np.nan) for stat in aggregate.statistics}
         if "count" in out:

@@ -16,6 +16,7 @@ What it cannot reproduce exactly (nested primary columns, a rule over an unusual
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections.abc import Sequence
@@ -66,6 +67,7 @@ class ReferenceIndex:
     def __init__(self, db: duckdb.DuckDBPyConnection, lookup: ReferenceLookup) -> None:
         self.lookup = lookup
         self.timed = lookup.timed
+        self._first_rows: dict[tuple[Any, ...], int] | None = None
         self.max_age_us = (
             int(lookup.max_age.total_seconds()) * 1_000_000 if lookup.max_age is not None else None
         )
@@ -118,10 +120,14 @@ class ReferenceIndex:
             ]
         keys = list(zip(*key_columns, strict=True))
         if not self.timed:  # one row per key (the pipeline's query keeps the latest)
-            spans, miss = self.spans, (self.missing_row, 0)
+            if self._first_rows is None:
+                self._first_rows = {key: span[0] for key, span in self.spans.items()}
+            # dict.get mapped in C: no Python call per row. A NULL in a key matches nothing.
             return np.fromiter(
-                (spans.get(k, miss)[0] for k in keys), dtype=np.int64, count=count
-            )  # a NULL in a key matches nothing
+                map(self._first_rows.get, keys, itertools.repeat(self.missing_row, count)),
+                dtype=np.int64,
+                count=count,
+            )
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, key in enumerate(keys):
             groups.setdefault(key, []).append(index)
