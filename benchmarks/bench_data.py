@@ -446,7 +446,8 @@ def child_ours(home: Path, with_checks: bool, profile: bool) -> dict:
 
 def _io_floor(spec, home: Path) -> dict:
     """The I/O the stage's contract cannot skip, with no work done (untimed in `wall`): into a
-    fresh DuckDB file, the flights files read into a table (the ingestion's own reader), then the
+    fresh DuckDB file, the flights files read into a table (the ingestion's reader, with the
+    column types declared so nothing is sniffed), then the
     `cleaned` and `features` tables just built copied as they are. No cleaning, join, aggregate or
     encoding: whatever implementation writes these tables, in this engine on this machine, takes
     at least this long, so pandas wall / floor bounds the speedup any of them can show."""
@@ -455,9 +456,14 @@ def _io_floor(spec, home: Path) -> dict:
     from ml_lifecycle.data.sources import list_files, reader_sql
 
     files = [str(f) for f in list_files(spec, spec.source)]
-    reader = reader_sql(spec.source, "__FILES__").replace("'__FILES__'", repr(files))
     floor_db = home / "io_floor.duckdb"
     conn = duckdb.connect(str(floor_db))
+    # The files' types, found untimed, then declared to the timed read (no sniffing pass).
+    sniffing = reader_sql(spec.source, "__FILES__").replace("'__FILES__'", repr(files))
+    types = {r[0]: r[1] for r in conn.execute(f"DESCRIBE SELECT * FROM {sniffing}").fetchall()}
+    typed = spec.source.model_copy(
+        update={"options": {**spec.source.options, "columns": types, "auto_detect": False}})
+    reader = reader_sql(typed, "__FILES__").replace("'__FILES__'", repr(files))
     conn.execute(f"ATTACH '{spec.paths().warehouse}' AS built (READ_ONLY)")
     steps = {}
     for name, sql in (

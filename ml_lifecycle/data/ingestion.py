@@ -288,8 +288,15 @@ def _ingest_csv_bulk(
         return False
     if any(_csv_header(path, source) != list(columns) for path, _ in todo):
         return False
+    # Read with those types declared: the sniffer's second pass over every row would cost as
+    # much as the read itself (10x flights: 1.2 s vs 0.43 s), and a value that does not parse as
+    # its column's type is still an error (then the per-file path widens the column).
+    options.pop("sample_size", None)
+    options.update(columns=columns, auto_detect=False)
+    reader = reader_sql(source.model_copy(update={"options": options}), "__FILES__").replace(
+        sql_literal("__FILES__"), sql_literal(paths))
     select = ", ".join(
-        [f"CAST({quote(c)} AS {t}) AS {quote(c)}" for c, t in columns.items()]
+        [quote(c) for c in columns]
         + [f"{quote(SOURCE_FILE)}", f"{_timestamp_sql(now)} AS {quote(INGESTED_AT)}"])
     conn.execute("BEGIN TRANSACTION")
     try:

@@ -41,7 +41,7 @@ def reader_sql(source: Source, location: str) -> str:
     # Types from every row, not DuckDB's 20,480-row sample: past the sample a CSV value that does
     # not fit the detected type is silently converted (2.5 into a BIGINT column becomes 3) and a
     # JSON key first seen later is dropped. Costs ~10 % of a CSV read.
-    if fmt in ("csv", "json", "ndjson"):
+    if fmt in ("csv", "json", "ndjson") and options.get("auto_detect") is not False:
         options.setdefault("sample_size", -1)
     if fmt == "csv":
         function = "read_csv"
