@@ -313,7 +313,6 @@ def profile_score(
         steps.setdefault(name, []).append(now - since)
         return now
 
-    from ml_lifecycle.spec import TIME
 
     adapter = __import__("pydantic").TypeAdapter(service.Record)
     names = [f.name for f in runtime.fields]
@@ -343,11 +342,7 @@ def profile_score(
         columns, _ = runtime.transform.clean(inputs, len(records))
         t = tick("cleaning rules + reference lookups (compiled)", t)
         steps["cleaning rules + reference lookups (compiled)"][-1] -= time_ms  # clean() repeats it
-        for aggregate in runtime.spec.aggregates:
-            keys = list(zip(*[columns[k] for k in aggregate.keys], strict=True))
-            stats = runtime.store.query_columns(aggregate, keys, columns[TIME])
-            for stat in aggregate.statistics:
-                columns[f"{aggregate.name}_{stat}"] = stats[stat]
+        runtime._add_aggregates(columns)
         t = tick("online store aggregates", t)
         runtime._check_compiled(columns, model)
         t = tick("category check", t)

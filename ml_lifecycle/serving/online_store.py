@@ -90,70 +90,77 @@ def rows_of(
     return [dict(zip(lists, values, strict=True)) for values in zip(*lists.values(), strict=True)]
 
 
-def window_statistics(
+def _window_extremes(
     padded: np.ndarray, starts: np.ndarray, ends: np.ndarray, wanted: Sequence[str]
 ) -> dict[str, np.ndarray]:
-    """`statistics` of values[start:end] for many windows at once (float64, NaN = NULL);
-    `padded` is the values plus one trailing element (`reduceat` needs every index < len).
+    """min / max / std of values[start:end] for many windows at once (NaN = NULL); `padded` is
+    the values plus one trailing element (`reduceat` needs every index < len).
 
     Windows must be sorted by start: `reduceat` then walks each window and the gaps between
     consecutive ones, so a batch costs at most one pass over the values it spans."""
-    count = (ends - starts).astype(np.float64)
     out: dict[str, np.ndarray] = {}
-    if not len(starts) or padded.size <= 1:
-        empty = np.full(len(starts), np.nan)
-        return {stat: count.copy() if stat == "count" else empty.copy() for stat in wanted}
-    base, top = int(starts[0]), int(ends.max())
+    lengths = ends - starts
+    empty = lengths == 0
+    if not len(starts) or padded.size <= 1 or empty.all():
+        return {stat: np.full(len(starts), np.nan) for stat in wanted}
     values = padded[:-1]
-    total = int((ends - starts).sum())
+    base, top = int(starts[0]), int(ends.max())
+    total = int(lengths.sum())
     if 2 * total < top - base:
         # Windows far apart (many keys): gather just their values, back to back.
-        offsets = np.concatenate([[0], np.cumsum(ends - starts)[:-1]])
-        gather = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, ends - starts)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        gather = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
         span = np.append(values[gather], 0.0)
-        first = offsets
-        last = offsets + (ends - starts)
+        first, last = offsets, offsets + lengths
     else:
         span = padded[base : top + 1]  # a view: the windows and the gaps between them
         first, last = starts - base, ends - base
     bounds = np.empty(2 * len(starts), dtype=np.int64)
     bounds[0::2], bounds[1::2] = first, last
-    empty = count == 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for stat in wanted:
-            if stat == "count":
-                out[stat] = count
-            elif stat in ("sum", "mean"):
-                sums = np.add.reduceat(span, bounds)[0::2]
-                out[stat] = np.where(empty, np.nan, sums / count if stat == "mean" else sums)
-            elif stat in ("min", "max"):
-                ufunc = np.minimum if stat == "min" else np.maximum
-                out[stat] = np.where(empty, np.nan, ufunc.reduceat(span, bounds)[0::2])
-            elif stat == "std":
-                out[stat] = np.array(
-                    [
-                        np.nan if e - s < 2 else float(values[s:e].std(ddof=1))
-                        for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
-                    ]
-                )
+    for stat in wanted:
+        if stat in ("min", "max"):
+            ufunc = np.minimum if stat == "min" else np.maximum
+            out[stat] = np.where(empty, np.nan, ufunc.reduceat(span, bounds)[0::2])
+        elif stat == "std":
+            out[stat] = np.array(
+                [
+                    np.nan if e - s < 2 else float(values[s:e].std(ddof=1))
+                    for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+                ]
+            )
     return out
+
+
+class _Windows:
+    """Per-row window contents of one `_Flat`: count, sum (0 when empty) and, when asked for,
+    min / max / std (NaN when empty)."""
+
+    __slots__ = ("count", "extremes", "total")
+
+    def __init__(self, count: np.ndarray, total: np.ndarray, extremes: dict[str, np.ndarray]):
+        self.count, self.total, self.extremes = count, total, extremes
 
 
 class _Flat:
     """All series of one aggregate in one array, sorted by (key, known_at), searchable at once:
     `position` = key rank * span + (known_at - first + 1), so one `searchsorted` finds every
-    row's window whatever its key."""
+    row's window whatever its key. Sums come from running totals (two reads per window however
+    long it is): exact when every value is an integer (running totals of integers below 2**53
+    are exact in float64), otherwise centred on each key's mean, as the offline kernel
+    (`data.aggregates.window_statistics`) computes them."""
 
-    def __init__(self, series: dict[Key, tuple[np.ndarray, np.ndarray]]) -> None:
+    def __init__(self, series: dict[Key, tuple[np.ndarray, np.ndarray]], single: bool) -> None:
         keys = list(series)
-        self.rank = {key: index for index, key in enumerate(keys)}
+        # One key column: ranks by the value itself (no tuple per request row to build or hash).
+        self.rank = {(key[0] if single else key): index for index, key in enumerate(keys)}
         stamps = [series[k][0] for k in keys]
+        lengths = np.array([len(s) for s in stamps], dtype=np.int64)
         self.padded = np.concatenate([*(series[k][1] for k in keys), np.zeros(1)])
         every = np.concatenate(stamps) if keys else np.empty(0, np.int64)
+        self.size = int(every.size)
         self.first = int(every.min()) if every.size else 0
         self.span = (int(every.max()) - self.first + 3) if every.size else 3
         self.searchable = len(keys) * self.span < 2**62
-        lengths = np.array([len(s) for s in stamps], dtype=np.int64)
         self.position = (
             (
                 np.repeat(np.arange(len(keys), dtype=np.int64) * self.span, lengths)
@@ -162,11 +169,20 @@ class _Flat:
             if self.searchable
             else every
         )
+        values = self.padded[:-1]
+        self.centre = np.zeros(len(keys))
+        if values.size and not (
+            np.array_equal(values, np.round(values)) and float(np.abs(values).sum()) < 2**53
+        ):
+            sums = np.add.reduceat(values, np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+            self.centre = sums / lengths
+            values = values - np.repeat(self.centre, lengths)
+        self.running = np.concatenate([[0.0], np.cumsum(values)])
 
     def windows(
-        self, ranks: np.ndarray, lows: np.ndarray, highs: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(order, starts, ends): the windows sorted by start, `order` indexing the inputs."""
+        self, ranks: np.ndarray, lows: np.ndarray, highs: np.ndarray, extremes: Sequence[str]
+    ) -> _Windows:
+        """The windows [low, high] of keys `ranks` (all >= 0), in input order."""
         base = ranks * self.span
         top = self.span - 1
         # Clipped into the key's band: outside the history, the band's edge finds the same rows.
@@ -175,9 +191,42 @@ class _Flat:
         # Sorted needles: searchsorted walks the history once instead of jumping around it
         # (3x faster on 1000 rows), and the windows come out in the order reduceat needs.
         order = np.argsort(low, kind="stable")
-        starts = np.searchsorted(self.position, low[order], side="left")
-        ends = np.maximum(np.searchsorted(self.position, high[order], side="right"), starts)
-        return order, starts, ends
+        starts = np.empty(len(low), dtype=np.int64)
+        ends = np.empty(len(low), dtype=np.int64)
+        starts[order] = np.searchsorted(self.position, low[order], side="left")
+        ends[order] = np.searchsorted(self.position, high[order], side="right")
+        np.maximum(ends, starts, out=ends)
+        count = ends - starts
+        total = self.running[ends] - self.running[starts] + count * self.centre[ranks]
+        found: dict[str, np.ndarray] = {}
+        if extremes:
+            sorted_stats = _window_extremes(self.padded, starts[order], ends[order], extremes)
+            for stat, column in sorted_stats.items():
+                found[stat] = np.empty(len(low))
+                found[stat][order] = column
+        return _Windows(count, total, found)
+
+    def window(self, rank: int, low: int, high: int, extremes: Sequence[str]) -> _Windows:
+        """`windows` for one row, on scalars (a single-row request)."""
+        base, top = rank * self.span, self.span - 1
+        position = self.position
+        start = int(position.searchsorted(base + min(max(low - self.first + 1, 0), top)))
+        end = int(position.searchsorted(base + min(max(high - self.first + 1, 0), top), "right"))
+        end = max(start, end)
+        count = end - start
+        total = float(self.running[end] - self.running[start]) + count * float(self.centre[rank])
+        found = {}
+        for stat in extremes:
+            values = self.padded[start:end]
+            if stat == "std":
+                found[stat] = float(values.std(ddof=1)) if count > 1 else np.nan
+            else:
+                found[stat] = (
+                    np.nan if not count else float(values.min() if stat == "min" else values.max())
+                )
+        return _Windows(
+            np.array([count]), np.array([total]), {k: np.array([v]) for k, v in found.items()}
+        )
 
 
 def _window(aggregate: Aggregate, times: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -185,22 +234,33 @@ def _window(aggregate: Aggregate, times: Any) -> tuple[np.ndarray, np.ndarray]:
     return at - int(aggregate.window.total_seconds() * 1e6), at
 
 
-class MemoryOnlineStore:
-    """Per (aggregate, key): known_at (µs) and values, kept sorted; thread-safe."""
+_EXTREMES = ("min", "max", "std")
 
-    def __init__(self) -> None:
+
+class MemoryOnlineStore:
+    """Per (aggregate, key): known_at (µs) and values, kept sorted; thread-safe.
+
+    Queries read one consolidated `_Flat` per aggregate plus, when events arrived since it was
+    built, a small `_Flat` of just those events (their windows are added to the main one's):
+    an event costs an append, and the whole history is re-consolidated only once the recent
+    events outgrow `consolidate_from` (or an eighth of the history)."""
+
+    def __init__(self, consolidate_from: int = 4096) -> None:
         self._series: dict[tuple[str, Key], tuple[np.ndarray, np.ndarray]] = {}
-        self._pending: dict[tuple[str, Key], list[tuple[int, float]]] = {}
+        self._pending: dict[str, dict[Key, list[tuple[int, float]]]] = {}
+        self._pending_size: dict[str, int] = {}
         self._flats: dict[str, _Flat] = {}
-        self._dirty: dict[str, bool] = {}
+        self._recent: dict[str, _Flat | None] = {}
+        self.consolidate_from = consolidate_from
         self._lock = threading.Lock()
 
     def add(
         self, aggregate: Aggregate, keys: Sequence[Key], known_at: Any, values: Sequence[float]
     ) -> int:
-        stamps = _micros(known_at)
+        stamps = _micros(known_at).tolist()
         added = 0
         with self._lock:
+            pending = self._pending.setdefault(aggregate.name, {})
             for key, stamp, value in zip(keys, stamps, values, strict=True):
                 if (
                     not valid_key(key)
@@ -208,132 +268,204 @@ class MemoryOnlineStore:
                     or (isinstance(value, float) and math.isnan(value))
                 ):
                     continue
-                self._pending.setdefault((aggregate.name, tuple(key)), []).append(
-                    (int(stamp), float(value))
-                )
+                pending.setdefault(tuple(key), []).append((stamp, float(value)))
                 added += 1
             if added:
-                self._dirty[aggregate.name] = True
+                self._pending_size[aggregate.name] = (
+                    self._pending_size.get(aggregate.name, 0) + added
+                )
+                self._recent[aggregate.name] = None  # rebuilt on the next read
         return added
 
-    def _series_for(self, name: str, key: Key) -> tuple[np.ndarray, np.ndarray]:
-        slot = (name, key)
-        pending = self._pending.pop(slot, None)
-        series = self._series.get(slot)
-        if pending:
-            stamps = np.array([p[0] for p in pending], dtype=np.int64)
-            values = np.array([p[1] for p in pending], dtype=np.float64)
+    @staticmethod
+    def _sorted(pairs: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+        stamps = np.array([p[0] for p in pairs], dtype=np.int64)
+        values = np.array([p[1] for p in pairs], dtype=np.float64)
+        order = np.argsort(stamps, kind="stable")
+        return stamps[order], values[order]
+
+    def _consolidate(self, aggregate: Aggregate) -> None:
+        """Merge the aggregate's recent events into its series and rebuild its `_Flat`."""
+        name = aggregate.name
+        for key, pairs in self._pending.pop(name, {}).items():
+            stamps, values = self._sorted(pairs)
+            series = self._series.get((name, key))
             if series is not None:
                 stamps = np.concatenate([series[0], stamps])
                 values = np.concatenate([series[1], values])
-            order = np.argsort(stamps, kind="stable")
-            series = (stamps[order], values[order])
-            self._series[slot] = series
-        return series if series is not None else (np.empty(0, np.int64), np.empty(0))
+                order = np.argsort(stamps, kind="stable")
+                stamps, values = stamps[order], values[order]
+            self._series[(name, key)] = (stamps, values)
+        self._pending_size[name] = 0
+        self._recent[name] = None
+        series = {key: value for (owner, key), value in self._series.items() if owner == name}
+        self._flats[name] = _Flat(series, single=len(aggregate.keys) == 1)
+
+    def _flats_for(self, aggregate: Aggregate) -> tuple[_Flat, _Flat | None]:
+        """(history, recent events or None), under the lock."""
+        name = aggregate.name
+        flat = self._flats.get(name)
+        size = self._pending_size.get(name, 0)
+        if flat is None or (
+            size
+            and (
+                size >= max(self.consolidate_from, flat.size // 8)
+                or "std" in aggregate.statistics  # std reads the values: one history
+            )
+        ):
+            self._consolidate(aggregate)
+            return self._flats[name], None
+        if not size:
+            return flat, None
+        recent = self._recent.get(name)
+        if recent is None:
+            pending = self._pending.get(name, {})
+            recent = _Flat(
+                {key: self._sorted(pairs) for key, pairs in pending.items()},
+                single=len(aggregate.keys) == 1,
+            )
+            self._recent[name] = recent
+        return flat, recent
 
     def query(
         self, aggregate: Aggregate, keys: Sequence[Key], times: Any
     ) -> list[dict[str, float | int | None]]:
         return rows_of(aggregate, self.query_columns(aggregate, keys, times))
 
-    def _flat(self, name: str) -> _Flat:
-        """The aggregate's consolidated arrays, rebuilt (under the lock) after events arrive."""
-        flat = self._flats.get(name)
-        if flat is None or self._dirty.get(name):
-            series = {}
-            for slot in [slot for slot in self._pending if slot[0] == name]:
-                self._series_for(*slot)
-            for (aggregate, key), value in self._series.items():
-                if aggregate == name:
-                    series[key] = value
-            flat = self._flats[name] = _Flat(series)
-            self._dirty[name] = False
-        return flat
-
     def query_columns(
         self, aggregate: Aggregate, keys: Sequence[Key], times: Any
     ) -> dict[str, np.ndarray]:
-        """The statistics of each (key, time) as float64 columns (NaN = NULL), for all rows
-        at once: one searchsorted over the aggregate's consolidated series, one reduceat per
-        statistic."""
+        """The statistics of each (key, time) as float64 columns (NaN = NULL)."""
+        if len(aggregate.keys) == 1:
+            return self.query_key_columns(aggregate, [[key[0] for key in keys]], times)
+        return self._query(aggregate, [tuple(key) for key in keys], times)
+
+    def query_key_columns(
+        self, aggregate: Aggregate, key_columns: Sequence[Sequence[Any]], times: Any
+    ) -> dict[str, np.ndarray]:
+        """`query_columns` with the keys given as one sequence per key column (the request's
+        own columns: no tuple per row when the aggregate has one key)."""
+        if len(key_columns) == 1:
+            return self._query(aggregate, key_columns[0], times)
+        return self._query(aggregate, list(zip(*key_columns, strict=True)), times)
+
+    def _query(
+        self, aggregate: Aggregate, keys: Sequence[Any], times: Any
+    ) -> dict[str, np.ndarray]:
+        """`keys`: scalars (one key column) or tuples. One searchsorted pair over the
+        aggregate's consolidated history (and one over its recent events), two reads of the
+        running totals per window, one reduceat per min / max."""
         lows, highs = _window(aggregate, times)
         rows = len(lows)
+        single = len(aggregate.keys) == 1
         with self._lock:
-            flat = self._flat(aggregate.name)
-        if not flat.searchable:  # astronomically many keys x a long history: key by key
+            flat, recent = self._flats_for(aggregate)
+        if not flat.searchable or (recent is not None and not recent.searchable):
+            with self._lock:  # astronomically many keys x a long history: key by key
+                self._consolidate(aggregate)
             return columns_of(aggregate, self._query_by_key(aggregate, keys, lows, highs))
-        missing = -1
-
-        def rank_of(key: Key, rank: dict[Key, int] = flat.rank) -> int:
-            found = rank.get(key)  # only valid keys were ever added
-            if found is not None:
-                return found
-            return missing if valid_key(key) else -2
-
-        if rows == 1:  # one request: scalars, no array set-up
-            return self._query_one(
-                aggregate, flat, rank_of(tuple(keys[0])), int(lows[0]), int(highs[0])
+        extremes = [stat for stat in aggregate.statistics if stat in _EXTREMES]
+        parts = [flat] if recent is None else [flat, recent]
+        if rows == 1:
+            found = [part.rank.get(keys[0]) for part in parts]
+            if all(rank is None for rank in found):
+                return self._empty(
+                    aggregate, 1, valid=[valid_key((keys[0],) if single else keys[0])]
+                )
+            windows = [
+                part.window(rank, int(lows[0]), int(highs[0]), extremes)
+                for part, rank in zip(parts, found, strict=True)
+                if rank is not None
+            ]
+            return self._combined(aggregate, windows)
+        count = np.zeros(rows, dtype=np.int64)
+        total = np.zeros(rows)
+        extreme = {stat: np.full(rows, np.nan) for stat in extremes}
+        seen = np.zeros(rows, dtype=bool)
+        for part in parts:
+            # dict.get mapped in C (no Python call per row); -1: not in this part.
+            ranks = np.fromiter(
+                map(part.rank.get, keys, itertools.repeat(-1, rows)), dtype=np.int64, count=rows
             )
-        if not all(type(k) is tuple for k in keys[:1]):
-            keys = [tuple(k) for k in keys]
-        # dict.get mapped in C (no Python call per row); the rows it does not find are sorted
-        # out after: a valid key with no history yet (-1) or an invalid key (-2).
-        ranks = np.fromiter(
-            map(flat.rank.get, keys, itertools.repeat(-3, rows)), dtype=np.int64, count=rows
-        )
-        for index in np.flatnonzero(ranks == -3).tolist():
-            ranks[index] = rank_of(tuple(keys[index]))
-        known = ranks >= 0
-        out = {stat: np.full(rows, np.nan) for stat in aggregate.statistics}
-        if "count" in out:
-            out["count"][ranks == missing] = 0.0  # a valid key with no history yet
-        if not known.any():
-            return out
-        at = np.flatnonzero(known)
-        order, starts, ends = flat.windows(ranks[at], lows[at], highs[at])
-        at = at[order]
-        for stat, column in window_statistics(
-            flat.padded, starts, ends, aggregate.statistics
-        ).items():
-            out[stat][at] = column
-        return out
+            at = np.flatnonzero(ranks >= 0)
+            if not at.size:
+                continue
+            seen[at] = True
+            windows = part.windows(ranks[at], lows[at], highs[at], extremes)
+            count[at] += windows.count
+            total[at] += windows.total
+            for stat, column in windows.extremes.items():
+                combine = np.fmin if stat == "min" else np.fmax
+                extreme[stat][at] = combine(extreme[stat][at], column)
+        valid = np.ones(rows, dtype=bool)
+        for index in np.flatnonzero(~seen).tolist():  # no history: a valid key counts 0
+            valid[index] = valid_key((keys[index],) if single else tuple(keys[index]))
+        return self._finish(aggregate, count, total, extreme, valid)
 
     @staticmethod
-    def _query_one(
-        aggregate: Aggregate, flat: _Flat, rank: int, low: int, high: int
-    ) -> dict[str, np.ndarray]:
-        """`query_columns` for one row: the same window and reductions, on scalars."""
-        if rank < 0:
-            empty = {stat: np.array([np.nan]) for stat in aggregate.statistics}
-            if rank == -1 and "count" in empty:
-                empty["count"] = np.array([0.0])
-            return empty
-        base, top = rank * flat.span, flat.span - 1
-        start = int(flat.position.searchsorted(base + min(max(low - flat.first + 1, 0), top)))
-        end = max(
-            start,
-            int(
-                flat.position.searchsorted(
-                    base + min(max(high - flat.first + 1, 0), top), side="right"
-                )
-            ),
+    def _combined(aggregate: Aggregate, windows: list[_Windows]) -> dict[str, np.ndarray]:
+        """The statistics of one row's windows in the history and the recent events."""
+        count = sum(w.count for w in windows)
+        total = sum(w.total for w in windows)
+        extreme = {}
+        for stat in aggregate.statistics:
+            if stat in _EXTREMES:
+                combine = np.fmin if stat == "min" else np.fmax
+                columns = [w.extremes[stat] for w in windows]
+                extreme[stat] = columns[0] if len(columns) == 1 else combine(*columns)
+        return MemoryOnlineStore._finish(aggregate, count, total, extreme, np.ones(1, dtype=bool))
+
+    @staticmethod
+    def _empty(aggregate: Aggregate, rows: int, valid: list[bool]) -> dict[str, np.ndarray]:
+        return MemoryOnlineStore._finish(
+            aggregate,
+            np.zeros(rows, dtype=np.int64),
+            np.zeros(rows),
+            {stat: np.full(rows, np.nan) for stat in aggregate.statistics if stat in _EXTREMES},
+            np.array(valid, dtype=bool),
         )
-        found = statistics(flat.padded[start:end], aggregate.statistics)
-        return {
-            stat: np.array([np.nan if v is None else v], dtype=np.float64)
-            for stat, v in found.items()
-        }
+
+    @staticmethod
+    def _finish(
+        aggregate: Aggregate,
+        count: np.ndarray,
+        total: np.ndarray,
+        extreme: dict[str, np.ndarray],
+        valid: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """The statistics from window counts and sums (what DuckDB gives: NULL on no rows, a
+        count of 0 for a valid key without history, NULL everywhere for an invalid key)."""
+        out: dict[str, np.ndarray] = {}
+        empty = count == 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for stat in aggregate.statistics:
+                if stat == "count":
+                    column = count.astype(np.float64)
+                elif stat == "sum":
+                    column = np.where(empty, np.nan, total)
+                elif stat == "mean":
+                    column = np.where(empty, np.nan, total / np.maximum(count, 1))
+                else:
+                    column = extreme[stat]
+                if not valid.all():
+                    column = np.where(valid, column, np.nan)
+                out[stat] = column
+        return out
 
     def _query_by_key(
-        self, aggregate: Aggregate, keys: Sequence[Key], lows: np.ndarray, highs: np.ndarray
+        self, aggregate: Aggregate, keys: Sequence[Any], lows: np.ndarray, highs: np.ndarray
     ) -> list[dict[str, float | int | None]]:
         out = []
+        single = len(aggregate.keys) == 1
         with self._lock:
             for key, low, high in zip(keys, lows, highs, strict=True):
-                if not valid_key(tuple(key)):
+                key = (key,) if single else tuple(key)
+                if not valid_key(key):
                     out.append({stat: None for stat in aggregate.statistics})
                     continue
-                stamps, values = self._series_for(aggregate.name, tuple(key))
+                stamps, values = self._series.get(
+                    (aggregate.name, key), (np.empty(0, np.int64), np.empty(0))
+                )
                 start = np.searchsorted(stamps, low, side="left")
                 end = np.searchsorted(stamps, high, side="right")
                 out.append(statistics(values[start:end], aggregate.statistics))
@@ -341,9 +473,7 @@ class MemoryOnlineStore:
 
     def size(self) -> int:
         with self._lock:
-            return sum(len(s[0]) for s in self._series.values()) + sum(
-                len(p) for p in self._pending.values()
-            )
+            return sum(len(s[0]) for s in self._series.values()) + sum(self._pending_size.values())
 
 
 class RedisOnlineStore:

@@ -634,17 +634,25 @@ class ServingRuntime:
                     f"record {int(bad[0])}: the time ({self.spec.time_sql}) "
                     "cannot be computed from its fields"
                 )
+        self._add_aggregates(columns)
+        return columns
+
+    def _add_aggregates(self, columns: dict[str, Any]) -> None:
+        """The history aggregates of the cleaned request rows, from the online store."""
+        by_columns = getattr(self.store, "query_key_columns", None)
         for aggregate in self.spec.aggregates:
-            keys = list(zip(*[columns[k] for k in aggregate.keys], strict=True))
-            query = getattr(self.store, "query_columns", None)
-            stats = (
-                query(aggregate, keys, columns[TIME])
-                if query is not None
-                else columns_of(aggregate, self.store.query(aggregate, keys, columns[TIME]))
-            )
+            if by_columns is not None:  # the request's key columns as they are, no tuples
+                stats = by_columns(aggregate, [columns[k] for k in aggregate.keys], columns[TIME])
+            else:
+                keys = list(zip(*[columns[k] for k in aggregate.keys], strict=True))
+                query = getattr(self.store, "query_columns", None)
+                stats = (
+                    query(aggregate, keys, columns[TIME])
+                    if query is not None
+                    else columns_of(aggregate, self.store.query(aggregate, keys, columns[TIME]))
+                )
             for stat in aggregate.statistics:
                 columns[f"{aggregate.name}_{stat}"] = stats[stat]
-        return columns
 
     def _check_compiled(self, columns: dict[str, Any], model: LoadedModel) -> None:
         if self.unknown_categories != "reject":
