@@ -12,7 +12,7 @@ from ml_lifecycle.assets.catalog import table_metadata
 from ml_lifecycle.data.aggregates import aggregate_frame
 from ml_lifecycle.data.cleaning import clean, load_roles
 from ml_lifecycle.data.features import (
-    build_features_sql,
+    create_features_table,
     fit_feature_state,
     load_state,
     save_state,
@@ -159,20 +159,13 @@ def build_data_assets(spec: DatasetSpec) -> list[dg.AssetsDefinition]:
             plan_roles = load_roles(conn, "cleaned")
             previous = load_state(conn)
             state = fit_feature_state(conn, spec, plan_roles, previous=previous)
-            # Aggregates come back as arrays by `cleaned`'s row id (one join); by their SQL
-            # definition when that is not possible (rows deleted from `cleaned`).
+            # Aggregates come back as arrays in `cleaned`'s row order (joined by row id).
             aligned = None
             if spec.aggregates:
                 with duckdb_buffers_released(conn):
                     aligned = aggregate_frame(conn, spec)
-            if aligned is not None:
-                conn.register("__aggregates", aligned)
-            try:
-                conn.execute("CREATE OR REPLACE TABLE features AS " + build_features_sql(
-                    spec, state, aggregates_by_rowid="__aggregates" if aligned is not None else None))
-            finally:
-                if aligned is not None:
-                    conn.unregister("__aggregates")
+            create_features_table(conn, spec, state, aligned)
+            del aligned
             save_state(conn, state)
             lineage = {f.name: [("cleaned", s) for s in f.source] for f in state.features}
             for column in [*spec.id_columns, TIME, TARGET]:

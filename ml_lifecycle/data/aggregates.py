@@ -110,10 +110,17 @@ def aggregate_frame(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
     value_arrays = {expr: _float64(fetched.column(f"__v{i}")) for i, expr in enumerate(values)}
     known_arrays = {expr: _int64(fetched.column(f"__e{i}")) for i, expr in enumerate(known)}
     del fetched
+    # Each input is dropped after the last aggregate that reads it: memory stays near one
+    # aggregate's working set (int32 row numbers and codes halve it).
+    last_use: dict[tuple[str, str], int] = {}
+    for index, aggregate in enumerate(spec.aggregates):
+        last_use.update({("key", k): index for k in aggregate.keys})
+        last_use.update({("value", aggregate.value): index,
+                         ("known", aggregate.known_at or TIME): index})
     by_time = _time_order(times, has_time)
     by_known: dict[str, np.ndarray] = {}
     columns: dict[str, pa.Array] = {ROWID: _arrow(rowid)}
-    for aggregate in spec.aggregates:
+    for index, aggregate in enumerate(spec.aggregates):
         codes, n_codes = _combined_codes([key_codes[k] for k in aggregate.keys])
         expr = aggregate.known_at or TIME
         if expr not in by_known:
@@ -123,18 +130,27 @@ def aggregate_frame(conn: duckdb.DuckDBPyConnection, spec: DatasetSpec,
         q_rows, q_code = _group_by_code(by_time, codes, n_codes)
         e_valid = event_known & value_known
         e_rows, e_code = _group_by_code(by_known[expr][e_valid[by_known[expr]]], codes, n_codes)
-        lag = int(aggregate.lag.total_seconds() * 1_000_000)
+        del codes, e_valid
+        q_at = times[q_rows]
+        q_at -= int(aggregate.lag.total_seconds() * 1_000_000)
         window = int(aggregate.window.total_seconds() * 1_000_000)
-        stats = window_statistics(q_code, times[q_rows] - lag, e_code, event_at[e_rows],
-                                  value[e_rows], window, list(aggregate.statistics),
-                                  presorted=True)
+        stats = window_statistics(q_code, q_at, e_code, event_at[e_rows], value[e_rows], window,
+                                  list(aggregate.statistics), presorted=True)
+        del q_at, q_code, e_rows, e_code, event_at, event_known, value, value_known
         for stat in aggregate.statistics:
-            result, valid = stats[stat]
+            result, valid = stats.pop(stat)
             full = np.zeros(count, dtype=result.dtype)
             present = np.zeros(count, dtype=bool)
             full[q_rows] = result
             present[q_rows] = valid
+            del result, valid
             columns[f"{aggregate.name}_{stat}"] = _arrow(full, present)
+        del q_rows
+        for kind, name in [*(("key", k) for k in aggregate.keys), ("value", aggregate.value),
+                           ("known", expr)]:
+            if last_use[(kind, name)] == index:
+                {"key": key_codes, "value": value_arrays, "known": known_arrays}[kind].pop(name)
+                by_known.pop(name, None) if kind == "known" else None
     return pa.table(columns)
 
 
@@ -179,7 +195,7 @@ def _indices(encoded: pa.DictionaryArray) -> np.ndarray:
     """A dictionary array's indices as int64, -1 for NULL."""
     index_type = encoded.indices.type
     indices, valid = _numbers(encoded.indices, np.dtype(f"int{index_type.bit_width}").type)
-    return np.where(valid, indices.astype(np.int64), -1)
+    return np.where(valid, indices, -1).astype(_index_type(len(encoded.dictionary)), copy=False)
 
 
 def _key_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, int]:
@@ -204,7 +220,7 @@ def _combined_codes(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, in
         valid = (codes >= 0) & (more >= 0)
         # Both parts are dense (< 2^31), so the pair fits an int64; then only the pairs that
         # occur are numbered, which keeps the codes dense for the next part and the radix sort.
-        pairs = _arrow(np.where(valid, codes * more_size + more, 0), valid)
+        pairs = _arrow(np.where(valid, codes.astype(np.int64) * more_size + more, 0), valid)
         encoded = pc.dictionary_encode(pairs)
         codes, size = _indices(encoded), len(encoded.dictionary)
     return codes, size
@@ -213,7 +229,12 @@ def _combined_codes(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, in
 def _time_order(times: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Row indices with a time, in time order (stable: ties keep row order)."""
     rows = np.flatnonzero(valid) if not valid.all() else np.arange(len(times))
-    return rows[np.argsort(times[rows], kind="stable")]
+    return rows[np.argsort(times[rows], kind="stable")].astype(_index_type(len(times)))
+
+
+def _index_type(size: int) -> type:
+    """Row numbers and codes as int32 when they fit (half the memory of int64)."""
+    return np.int32 if size < 2**31 else np.int64
 
 
 def _group_by_code(rows: np.ndarray, codes: np.ndarray, n_codes: int
@@ -255,10 +276,11 @@ def window_statistics(q_code: np.ndarray, q_at: np.ndarray, e_code: np.ndarray,
         lo = np.empty(n_q, dtype=np.int64)
         hi[q_order] = np.searchsorted(e_key, q_hi_key[q_order], side="right")
         lo[q_order] = np.searchsorted(e_key, q_lo_key[q_order], side="left")
+    del e_key, q_hi_key, q_lo_key
     count = hi - lo
     has = count > 0
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {"count": (count.astype(np.int64),
-                                                               np.ones(n_q, bool))}
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        "count": (count.astype(np.int64, copy=False), np.ones(n_q, bool))}
     if {"sum", "mean", "std"} & set(statistics):
         # Centre on each key's mean: running totals stay small and the variance exact.
         totals = np.bincount(e_code, weights=values)
@@ -266,12 +288,16 @@ def window_statistics(q_code: np.ndarray, q_at: np.ndarray, e_code: np.ndarray,
         centre = np.divide(totals, sizes, out=np.zeros(len(sizes)), where=sizes > 0)
         deviation = values - centre[e_code]
         running = np.concatenate([[0.0], np.cumsum(deviation)])
-        window_dev = running[hi] - running[lo]
+        total = running[hi] - running[lo]
+        del running
+        total += count * centre[np.minimum(q_code, len(centre) - 1)]
         safe = np.maximum(count, 1)
-        q_centre = centre[np.minimum(q_code, len(centre) - 1)]
-        total = window_dev + count * q_centre
-        out["sum"] = (np.where(has, total, 0.0), has)
-        out["mean"] = (np.where(has, total / safe, 0.0), has)
+        if "sum" in statistics:
+            out["sum"] = (np.where(has, total, 0.0), has)
+        if "mean" in statistics:
+            total /= safe
+            out["mean"] = (np.where(has, total, 0.0), has)
+        del total
         if "std" in statistics:
             # Extended precision for the squares (the differences of large running totals lose
             # digits), and a window whose values are all equal gets exactly 0.
@@ -284,6 +310,7 @@ def window_statistics(q_code: np.ndarray, q_at: np.ndarray, e_code: np.ndarray,
                         == _window_extreme(values, lo, hi, np.maximum))
             std = np.where(constant, 0.0, np.sqrt(np.maximum(variance, 0.0)))
             out["std"] = (std, count > 1)
+        del deviation
     for stat, reduce in (("min", np.minimum), ("max", np.maximum)):
         if stat in statistics:
             out[stat] = (_window_extreme(values, lo, hi, reduce), has)
@@ -295,12 +322,18 @@ def _packed_keys(q_code: np.ndarray, q_at: np.ndarray, e_code: np.ndarray, e_at:
     """(code, time) packed into one sortable int64 for the events, the window ends (t) and
     the window starts (t - window). Times are offsets from the earliest time when codes x span
     fits in 62 bits, otherwise ranks among all the times involved (exact either way)."""
+    q_code, e_code = q_code.astype(np.int64, copy=False), e_code.astype(np.int64, copy=False)
     first = min(int(e_at.min()), int(q_at.min()) - window)
     span = max(int(e_at.max()), int(q_at.max())) - first + 1
     codes = int(max(e_code.max(), q_code.max())) + 1
     if codes * span < 2**62:
-        return (e_code * span + (e_at - first), q_code * span + (q_at - first),
-                q_code * span + (q_at - window - first))
+        e_key = e_code * span
+        e_key += e_at
+        e_key -= first
+        q_hi = q_code * span
+        q_hi += q_at
+        q_hi -= first
+        return e_key, q_hi, q_hi - window
     times = np.sort(np.concatenate([e_at, q_at, q_at - window]))
     times = times[np.concatenate([[True], times[1:] != times[:-1]])]
     span = len(times) + 1

@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ml_lifecycle.data.sources import quote
+from ml_lifecycle.resources import return_freed_memory
 from ml_lifecycle.spec import TARGET, TIME, DatasetSpec, Expectation, SpecError
 
 if TYPE_CHECKING:
@@ -565,17 +566,10 @@ def validate_frames(frames: TableFrames, expectations: list[tuple[Expectation, s
         outcome = validate_frame(frame, frames.table, [expectations[i] for i in indexes])
         del frame
         results.update(zip(indexes, outcome.results, strict=True))
-    _release_arrow_memory()
+    return_freed_memory()  # the frames' memory back to the OS before the next step
     return ValidationOutcome(table=frames.table, row_count=frames.row_count,
                              results=[results[i] for i in range(len(expectations))])
 
-
-def _release_arrow_memory() -> None:
-    """Arrow's allocator keeps freed blocks for reuse; give the frames' memory back to the
-    system so the next step (in the same process) starts from a lower footprint."""
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
 
 
 def validate_table(
