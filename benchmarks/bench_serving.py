@@ -313,7 +313,6 @@ def profile_score(
         steps.setdefault(name, []).append(now - since)
         return now
 
-
     adapter = __import__("pydantic").TypeAdapter(service.Record)
     names = [f.name for f in runtime.fields]
     for body in bodies:
@@ -344,12 +343,11 @@ def profile_score(
         steps["cleaning rules + reference lookups (compiled)"][-1] -= time_ms  # clean() repeats it
         runtime._add_aggregates(columns)
         t = tick("online store aggregates", t)
-        runtime._check_compiled(columns, model)
-        t = tick("category check", t)
         matrix = model.encoder.matrix(columns, len(records))
         t = tick("FeatureEncoder matrix", t)
-        extra = {"num_threads": 1} if len(records) < 512 else {}
-        prediction = np.asarray(model.booster.predict(matrix, **extra))
+        runtime._check_compiled(columns, model, matrix)
+        t = tick("category check", t)
+        prediction = runtime._predict(model, matrix)  # its thread choice
         t = tick("LightGBM predict", t)
         ids = [f"r{i}" for i in range(len(records))]
         if arrow:

@@ -900,6 +900,45 @@ def test_a_batch_logs_what_its_records_log_one_by_one(served: Served):
     assert all(lines[i]["event_time"] for i in batch_ids)
 
 
+def test_requests_merged_at_a_group_commit_log_what_they_log_alone(served: Served):
+    """Under group commit the flush thread builds the rows of every queued request of one
+    model at once (single rows and batches together, one file): each row is what the same
+    request logs when written alone, with its own request's logged_at."""
+    runtime = served.runtime
+    log = runtime.log
+    records = [dict(r) for r in served.test_records[:12]]
+    records[2]["vehicle"] = "rocket"  # unseen: logged as null
+    alone = [f"alone-{uuid.uuid4().hex}" for _ in records]
+    queued = [f"queued-{uuid.uuid4().hex}" for _ in records]
+    previous = runtime.unknown_categories, log.flush_interval
+    runtime.unknown_categories = "score"
+    try:
+        for record, request_id in zip(records, alone, strict=True):
+            runtime.score([record], request_ids=[request_id])  # written before returning
+        log.flush_interval = 3600.0  # queue until the flush below (no timer in this log)
+        for record, request_id in zip(records[:6], queued[:6], strict=True):
+            runtime.score([record], request_ids=[request_id])
+            time.sleep(0.002)
+        runtime.score(records[6:], request_ids=queued[6:])  # a batch in the same commit
+        files = set(log.files())
+        assert not _logged_now(served, queued, log.directory)  # queued, nothing written
+        log.flush()
+    finally:
+        runtime.unknown_categories, log.flush_interval = previous
+    assert len(set(log.files()) - files) == 1
+    lines = _logged_now(served, alone + queued, log.directory)
+    assert set(lines) == set(alone + queued)
+    stamps = [lines[i]["logged_at"] for i in queued]
+    assert stamps[:6] == sorted(stamps[:6]) and len(set(stamps[:6])) == 6
+    assert len(set(stamps[6:])) == 1 and stamps[6] >= stamps[5]
+    for one, merged in zip(alone, queued, strict=True):
+        a, b = dict(lines[one]), dict(lines[merged])
+        for row in (a, b):
+            row.pop("request_id"), row.pop("logged_at")
+        assert a == b
+    assert lines[queued[2]]["features"]["vehicle"] is None
+
+
 # -- 5. zero-downtime upgrade and rollback ------------------------------------------------------
 
 

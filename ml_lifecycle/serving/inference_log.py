@@ -85,6 +85,12 @@ def _leaf_array(values: list[Any]) -> pa.Array:
     """Concatenated values of one column as Arrow (float NaN -> null; None-only -> null type,
     which DuckDB's union_by_name widens to the other files' type)."""
     first = values[0]
+    if all(isinstance(v, pa.Array) for v in values):
+        if len(values) == 1:
+            return first
+        if all(v.type == first.type for v in values):
+            return pa.concat_arrays(values)
+        values = [v.to_pylist() for v in values]
     if all(isinstance(v, np.ndarray) for v in values):
         array = np.concatenate(values) if len(values) > 1 else first
         kind = array.dtype.kind
@@ -98,7 +104,11 @@ def _leaf_array(values: list[Any]) -> pa.Array:
             return pa.array(array, from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             values = [array]
-    flat = [v for part in values for v in (part.tolist() if isinstance(part, np.ndarray) else part)]
+    flat = [
+        v
+        for part in values
+        for v in (part.tolist() if isinstance(part, np.ndarray | pa.Array) else part)
+    ]
     try:
         return pa.array(flat, from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: as text, as JSON would show
@@ -110,7 +120,7 @@ def _column(parts: list[Any], lengths: list[int]) -> pa.Array:
         names = list(parts[0])
         children = [_column([p[name] for p in parts], lengths) for name in names]
         return pa.StructArray.from_arrays(children, names=names)
-    if isinstance(parts[0], np.ndarray | list | tuple):
+    if isinstance(parts[0], np.ndarray | list | tuple | pa.Array):
         return _leaf_array(list(parts))
     if isinstance(parts[0], datetime):
         stamps = [v for v, n in zip(parts, lengths, strict=True) for _ in range(n)]
@@ -160,7 +170,8 @@ class InferenceLog:
         self.labels = JsonLinesWriter(self.directory / f"labels-{self.worker}.jsonl")
         self.rejected = JsonLinesWriter(self.directory / f"rejected-{self.worker}.jsonl")
         self.flush_interval = flush_interval
-        self._pending: list[Callable[[], LogColumns]] = []
+        # Closures, or (group, builder, payload, args): payloads of one group are built together.
+        self._pending: list[Any] = []
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
@@ -189,6 +200,23 @@ class InferenceLog:
         with self._pending_lock:
             self._pending.append(columns)
 
+    def submit_group(
+        self,
+        group: Any,
+        builder: Callable[..., LogColumns],
+        payload: Any,
+        *args: Any,
+    ) -> None:
+        """Log `builder([payload, ...], *args)`: at the next group commit, every payload queued
+        under the same `group` (same builder and args) goes to one call, so many small requests
+        build their columns once (now when there is no group commit)."""
+        if self.flush_interval <= 0:
+            with self._flush_lock:
+                self._write([builder([payload], *args)])
+            return
+        with self._pending_lock:
+            self._pending.append((group, builder, payload, args))
+
     def flush(self) -> None:
         """Build and write every queued prediction (one file per batch shape, usually one)."""
         with self._flush_lock:
@@ -196,10 +224,21 @@ class InferenceLog:
                 pending, self._pending = self._pending, []
             self.flushing = bool(pending)
             try:
+                builds: list[Callable[[], LogColumns]] = []
+                groups: dict[Any, tuple[Callable[..., LogColumns], list[Any], tuple]] = {}
+                for entry in pending:
+                    if callable(entry):
+                        builds.append(entry)
+                        continue
+                    group, builder, payload, args = entry
+                    if group not in groups:
+                        groups[group] = (builder, [], args)
+                        builds.append(lambda g=groups[group]: g[0](g[1], *g[2]))
+                    groups[group][1].append(payload)
                 items = []
-                for columns in pending:
+                for build in builds:
                     try:
-                        items.append(columns())
+                        items.append(build())
                     except Exception:  # one bad batch must not stop the log
                         logging.getLogger(__name__).exception(
                             "inference log: a batch failed to build"
@@ -280,13 +319,14 @@ class InferenceLog:
 def _write_parquet(table: pa.Table, path: Path) -> None:
     """The whole file under a hidden name, then renamed: it appears complete or not at all."""
     temporary = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temporary, compression="snappy")
+    # No Arrow schema stored: dictionary-encoded text reads back (and merges) as plain text.
+    pq.write_table(table, temporary, compression="snappy", store_schema=False)
     os.replace(temporary, path)
 
 
 def prediction_columns(
-    request_ids: list[str],
-    now: datetime,
+    request_ids: list[str] | pa.Array,
+    now: datetime | pa.Array,
     model_version: str,
     predictions: Any,
     event_times: Any,
@@ -296,13 +336,14 @@ def prediction_columns(
 ) -> LogColumns:
     """A batch's log rows as columns (numpy arrays or lists; float NaN = null):
     {request_id, logged_at, event_time, model_version, ids: {...}, features: {...},
-    prediction[, shadow: {model_version, prediction, ...}]}."""
+    prediction[, shadow: {model_version, prediction, ...}]}. `now`: one time for the batch, or
+    an Arrow timestamp array, one per row (requests merged at a group commit)."""
     if isinstance(event_times, np.ndarray) and event_times.dtype.kind == "M":
         event_times = event_times.astype("datetime64[us]")
     elif not isinstance(event_times, np.ndarray):
         event_times = list(event_times)
     columns: LogColumns = {
-        "request_id": list(request_ids),
+        "request_id": request_ids if isinstance(request_ids, pa.Array) else list(request_ids),
         "logged_at": now,
         "event_time": event_times,
         "model_version": model_version,
