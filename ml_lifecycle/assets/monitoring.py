@@ -93,13 +93,14 @@ def build_monitoring_assets(spec: DatasetSpec) -> tuple[list, list]:
     inference_log = dg.AssetSpec(
         "inference_log",
         group_name=GROUP,
-        kinds={"jsonl"},
+        kinds={"parquet"},
         owners=spec.owners or None,
         description=(
             f"Every prediction the service made (request id, time, model version, features as "
-            f"scored, prediction) and the labels that arrived, as JSON lines under "
-            f"`{paths.inference}` (one file set per worker). Written by the service, not by "
-            "Dagster."
+            f"scored, prediction) as Parquet files under `{paths.inference}`: one file set per "
+            "worker, one file per group commit (merged every 240), read with DuckDB through "
+            "`serving.inference_log.read_predictions`; the labels that arrived as JSON lines "
+            "beside them. Written by the service, not by Dagster."
         ),
     )
 
