@@ -85,6 +85,12 @@ def data_rows() -> list[list[str]]:
         pandas = _get(data, "summary", "by_scale", scale, "pandas") or _get(
             data, "runs", f"{scale}/pandas"
         )
+        floor = _get(data, "runs", f"{scale}/ours", "io_floor") or {}
+        floor_text = (
+            f"; I/O floor (tables written, no work) {_num(floor.get('total_s'), ' s')}"
+            if floor.get("success") and floor.get("total_s")
+            else ""
+        )
         rows.append(
             [
                 f"1 data, {scale} ({label})",
@@ -93,7 +99,8 @@ def data_rows() -> list[list[str]]:
                 f"with GX checks {_num(_get(checks, 'wall_s'), ' s')}",
                 f"pandas {_num(_get(pandas, 'wall_s'), ' s')} / "
                 f"{_num(_get(pandas, 'peak_rss_mb'), ' MB')}"
-                + _ratio(_get(ours, "wall_s"), _get(pandas, "wall_s")),
+                + _ratio(_get(ours, "wall_s"), _get(pandas, "wall_s"))
+                + floor_text,
                 _date(data, "bench_data"),
                 "`make bench-data`",
             ]
