@@ -61,6 +61,25 @@ def _column(values: pa.ChunkedArray) -> np.ndarray:
     return out
 
 
+def _applied(rule: ColumnRule, values: Sequence[Any]) -> np.ndarray:
+    """`rule.apply(values)`; a categorical rule of text values runs once per distinct value
+    (the rule is per value, and a column holds a few levels: 1000 rows, ~5 origins)."""
+    if rule.role != "categorical" or len(values) < 64:
+        return rule.apply(values)
+    if not set(map(type, values)) <= _TEXT_OR_NULL:  # 1 == 1.0 == True: not one dict key
+        return rule.apply(values)
+    distinct = list(dict.fromkeys(values))
+    if 2 * len(distinct) > len(values):
+        return rule.apply(values)
+    cleaned = dict(zip(distinct, rule.apply(distinct).tolist(), strict=True))
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(map(cleaned.__getitem__, values))
+    return out
+
+
+_TEXT_OR_NULL = {str, type(None)}
+
+
 class ReferenceIndex:
     """One reference's cleaned rows in memory: key -> rows (sorted by time when it has one)."""
 
@@ -102,11 +121,51 @@ class ReferenceIndex:
         if previous is not None:
             self.spans[previous] = (start, table.num_rows)
         self.missing_row = table.num_rows  # every column ends with its no-match value
+        # Keys by rank (table order); one key column: ranked by the value itself, no tuples.
+        self.single = len(names) == 1
+        self._rank = {(key[0] if self.single else key): i for i, key in enumerate(self.spans)}
+        self._band_start = np.array([span[0] for span in self.spans.values()], dtype=np.int64)
+        # Timed: all rows searchable at once, `position` = key rank * span + (time - first + 1)
+        # (the rows are sorted by key, then time), so one searchsorted finds every ASOF match.
+        self._position: np.ndarray | None = None
+        if self.timed and self.times.size:
+            self._first = int(self.times.min())
+            self._span = int(self.times.max()) - self._first + 2
+            if len(self.spans) * self._span < 2**62:
+                lengths = [end - start for start, end in self.spans.values()]
+                self._position = np.repeat(
+                    np.arange(len(self.spans), dtype=np.int64) * self._span, lengths
+                ) + (self.times - self._first + 1)
         self.columns: dict[str, np.ndarray] = {}
         for name in lookup.outputs:
             column = _column(table.column(name))
             fallback = _column(missing.column(name)) if missing is not None else None
             self.columns[name] = np.concatenate([column, fallback.astype(column.dtype)])
+
+    def _timed_rows(
+        self, key_columns: list[Sequence[Any]], times: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
+        """`rows` for a timed reference: the latest row of the key at or before each time
+        (within `max_age`), for every request row in one searchsorted."""
+        assert self._position is not None
+        count = len(times)
+        keys = key_columns[0] if self.single else list(zip(*key_columns, strict=True))
+        # dict.get mapped in C; a NULL in a key (or an unknown key) matches nothing: -1.
+        ranks = np.fromiter(
+            map(self._rank.get, keys, itertools.repeat(-1, count)), dtype=np.int64, count=count
+        )
+        at = np.flatnonzero(ranks >= 0)
+        if not at.size:
+            return out
+        ranks, wanted = ranks[at], times[at]
+        # Clipped into the key's band (the max first: NaT's int64 minimum cannot overflow).
+        offset = np.minimum(np.maximum(wanted, self._first - 1) - (self._first - 1), self._span - 1)
+        found = np.searchsorted(self._position, ranks * self._span + offset, side="right") - 1
+        ok = found >= self._band_start[ranks]  # ASOF: a row of the same key, not the one before
+        if self.max_age_us is not None:
+            ok &= wanted - self.times[np.maximum(found, 0)] <= self.max_age_us
+        out[at[ok]] = found[ok]
+        return out
 
     def rows(self, key_columns: list[Sequence[Any]], times: np.ndarray) -> np.ndarray:
         """The matched row of each request row (`missing_row` when none, or too old)."""
@@ -118,6 +177,8 @@ class ReferenceIndex:
                 [None if k is None else str(k) for k in column] if text else column
                 for column, text in zip(key_columns, as_text, strict=True)
             ]
+        if self._position is not None:
+            return self._timed_rows(key_columns, times, out)
         keys = list(zip(*key_columns, strict=True))
         if not self.timed:  # one row per key (the pipeline's query keeps the latest)
             if self._first_rows is None:
@@ -279,7 +340,7 @@ class RequestTransform:
         none = [None] * rows
         columns: dict[str, Any] = {}
         for rule in self.rules:
-            columns[rule.name] = rule.apply(inputs.get(rule.name, none))
+            columns[rule.name] = _applied(rule, inputs.get(rule.name, none))
         for reference in self.references:
             keys = [inputs.get(p_col, none) for p_col, _, _ in reference.lookup.keys]
             matched = reference.rows(keys, times)
