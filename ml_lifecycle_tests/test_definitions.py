@@ -197,3 +197,19 @@ def test_cli_run_shows_progress_and_ends_with_a_summary(tmp_path: Path) -> None:
         run = next(r for r in instance.get_runs() if r.run_id.startswith(run_id))
         assert run.job_name == "data_pipeline"
         assert run.tags["ml_lifecycle/trigger"] == "cli"
+
+
+@pytest.mark.parametrize(("environment", "advised"), [(None, "False"), ("1", "True")])
+def test_numpy_huge_page_advice_is_off_unless_the_environment_asks(
+    environment: str | None, advised: str
+) -> None:
+    """The package turns off numpy's huge-page advice (each fresh large array cost ~4x to touch
+    on THP-`madvise` kernels); numpy's own switch in the environment still decides."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if environment is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = environment
+    code = ("import ml_lifecycle, numpy._core.multiarray as m; "
+            "print(m._get_madvise_hugepage())")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == advised
