@@ -14,7 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ml_lifecycle.monitoring.lineage import find_prediction
-from ml_lifecycle.serving.inference_log import InferenceLog, prediction_files, read_predictions
+from ml_lifecycle.serving.inference_log import (
+    CHUNK_ROWS,
+    InferenceLog,
+    prediction_files,
+    read_predictions,
+)
 
 
 def _log_batch(log: InferenceLog, batch: int, rows: int = 4) -> list[str]:
@@ -136,3 +141,45 @@ def test_an_empty_folder_has_no_predictions(tmp_path: Path):
     assert read_predictions(tmp_path) is None
     shutil.rmtree(tmp_path)
     assert read_predictions(tmp_path) is None
+
+
+def test_a_group_commit_writes_in_chunks_and_lets_predictions_pass_between(tmp_path: Path):
+    """The flush thread writes a large commit one row group at a time and calls the service's
+    hook before building and before each later chunk (where a prediction in flight ends
+    first); a request writing its own batch (no group commit) never waits there."""
+    rows = 2 * CHUNK_ROWS + 10
+    seen: list[bool] = []
+
+    def log_rows(log: InferenceLog, prefix: str) -> None:
+        log.write_predictions(
+            [f"{prefix}{i}" for i in range(rows)],
+            "v0001",
+            np.linspace(0.0, 1.0, rows),
+            np.full(rows, np.datetime64("2013-05-01T10:00", "us")),
+            {"trip_id": np.arange(rows)},
+            {"distance": np.arange(rows, dtype=np.float64)},
+        )
+
+    queued = InferenceLog(tmp_path / "queued", worker="w", flush_interval=3600.0)
+    immediate = InferenceLog(tmp_path / "immediate", worker="w")
+    for log in (queued, immediate):
+        log.before_work = lambda log=log: (
+            seen.append(log.flushing),
+            setattr(log, "flushing", True),
+        )
+    try:
+        log_rows(queued, "q")
+        assert not queued.files() and not seen  # queued until the flush
+        queued.flush()
+        # Before building, before the write, before each of the two later chunks.
+        assert seen == [False, False, False, False]
+        assert not queued.flushing
+        (path,) = queued.files()
+        assert pq.ParquetFile(path).metadata.num_row_groups == 3
+        assert _count(tmp_path / "queued") == (rows, rows)
+        log_rows(immediate, "i")
+        assert len(seen) == 4 and not immediate.flushing
+        assert _count(tmp_path / "immediate") == (rows, rows)
+    finally:
+        queued.close()
+        immediate.close()

@@ -176,6 +176,10 @@ class InferenceLog:
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self.flushing = False  # writing on the flush thread (it has a core)
+        # Called before each step of a flush (building, each chunk written): the service waits
+        # there for the prediction in flight to end, then marks the log `flushing` (so the
+        # next prediction leaves the core to it). None: just mark it.
+        self.before_work: Callable[[], None] | None = None
         if flush_interval > 0:
             self._flusher = threading.Thread(
                 target=self._flush_every, daemon=True, name="inference-log-flush"
@@ -222,7 +226,8 @@ class InferenceLog:
         with self._flush_lock:
             with self._pending_lock:
                 pending, self._pending = self._pending, []
-            self.flushing = bool(pending)
+            if pending:
+                self._begin_work()
             try:
                 builds: list[Callable[[], LogColumns]] = []
                 groups: dict[Any, tuple[Callable[..., LogColumns], list[Any], tuple]] = {}
@@ -243,9 +248,21 @@ class InferenceLog:
                         logging.getLogger(__name__).exception(
                             "inference log: a batch failed to build"
                         )
+                if pending:
+                    self._between_chunks()  # a prediction may pass between build and write
                 self._write(items)
             finally:
                 self.flushing = False
+
+    def _begin_work(self) -> None:
+        if self.before_work is not None:
+            self.before_work()
+        else:
+            self.flushing = True
+
+    def _between_chunks(self) -> None:
+        self.flushing = False
+        self._begin_work()
 
     def _write(self, items: list[LogColumns]) -> None:
         groups: dict[tuple, list[LogColumns]] = {}
@@ -258,7 +275,10 @@ class InferenceLog:
             path = self.directory / (
                 f"predictions-{self.worker}.{self.session}.{sequence:08d}.parquet"
             )
-            _write_parquet(log_table(group), path)
+            # On the flush thread, let predictions pass between chunks (not when a request
+            # writes its own batch: no group commit).
+            between = self._between_chunks if self.flushing else None
+            _write_parquet(log_table(group), path, between=between)
             self._parts.append((sequence, path))
         if len(self._parts) >= self.compact_parts:
             self._compact()
@@ -316,14 +336,25 @@ class InferenceLog:
             writer.close()
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    """The whole file under a hidden name, then renamed: it appears complete or not at all."""
+CHUNK_ROWS = 4096  # rows per row group written between two `between` calls
+
+
+def _write_parquet(table: pa.Table, path: Path, between: Callable[[], None] | None = None) -> None:
+    """The whole file under a hidden name, then renamed: it appears complete or not at all.
+    Written `CHUNK_ROWS` rows (one row group) at a time, calling `between` before each chunk
+    after the first (the service lets a prediction pass there)."""
     temporary = path.with_name(f".{path.name}.tmp")
     # No Arrow schema stored: dictionary-encoded text reads back (and merges) as plain text.
     # Min/max statistics for the top-level columns (times, ids, version: what readers filter
     # on), not for each of the ~50 features and ids inside the structs (15% of the write).
     top = [f.name for f in table.schema if not pa.types.is_struct(f.type)]
-    pq.write_table(table, temporary, compression="snappy", store_schema=False, write_statistics=top)
+    with pq.ParquetWriter(
+        temporary, table.schema, compression="snappy", store_schema=False, write_statistics=top
+    ) as writer:
+        for start in range(0, max(table.num_rows, 1), CHUNK_ROWS):
+            if start and between is not None:
+                between()
+            writer.write_table(table.slice(start, CHUNK_ROWS), row_group_size=CHUNK_ROWS)
     os.replace(temporary, path)
 
 
