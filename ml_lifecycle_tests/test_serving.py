@@ -1255,3 +1255,80 @@ def test_a_worker_killed_mid_load_loses_at_most_the_last_second(served: Served, 
     # The arbiter survived (BentoML starts a new worker; that takes as long as a start-up, so it
     # is not waited for here).
     assert server.process.poll() is None
+
+
+# -- 8. several workers --------------------------------------------------------------------
+
+
+def test_two_workers_share_the_events_posted_to_either(served: Served):
+    """`ML_LIFECYCLE_WORKERS=2`: two worker processes, each with its own embedded online store.
+    Events posted to one reach the other through the event journal before its next read: every
+    prediction made after the post sees them, whichever worker answers (both do)."""
+    server = launch_server(
+        {
+            "ML_LIFECYCLE_HOME": str(served.home),
+            "ML_LIFECYCLE_DATASET": str(served.spec_path),
+            "BENTOML_HOME": str(served.root / "bentoml"),
+            "ML_LIFECYCLE_WORKERS": "2",
+        },
+        served.root / "serve_two_workers.log",
+    )
+    try:
+        server.wait_ready(180)
+        workers = _worker_pids(server)
+        assert len(workers) == 2, workers
+        at = served.last_time.replace(minute=0, second=0) + timedelta(days=60)
+        query = {"trip_id": 9_100_000, "sched_at": at.isoformat(), "site": "east",
+                 "vehicle": "van", "distance": 20.0, "passengers": 3}
+
+        def predict_on_new_connections(count: int) -> list[str]:
+            responses: list[httpx.Response] = []
+
+            def one() -> None:  # a fresh connection each time: the kernel picks the worker
+                responses.append(httpx.post(f"{server.url}/predict", json=query, timeout=30))
+
+            threads = [threading.Thread(target=one) for _ in range(count)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert [r.status_code for r in responses] == [200] * count, responses[0].text
+            return [r.json()["request_id"] for r in responses]
+
+        def answered_by(ids: list[str]) -> dict[int, list[dict[str, Any]]]:
+            found = logged(served, ids, wait=10)
+            assert set(found) == set(ids)
+            by_worker: dict[int, list[dict[str, Any]]] = {w: [] for w in workers}
+            files, _legacy = prediction_files(served.inference_dir)
+            for file in files:
+                for worker in workers:
+                    if f"-{worker}." in file.name:
+                        for request_id in pq.read_table(file)["request_id"].to_pylist():
+                            if request_id in found:
+                                by_worker[worker].append(found[request_id]["features"])
+            return by_worker
+
+        before = answered_by(predict_on_new_connections(8))
+        assert all(f["site_delay_3h_count"] == 0 for rows in before.values() for f in rows)
+
+        def event(trip_id: int, minutes_before: int, delay: int) -> dict[str, Any]:
+            return {"trip_id": trip_id, "sched_at": (at - timedelta(minutes=minutes_before)).isoformat(),
+                    "site": "east", "vehicle": "bus", "distance": 10.0, "passengers": 1,
+                    "delay": delay}
+
+        posted = httpx.post(f"{server.url}/events", timeout=30, json={"events": [
+            event(9_100_001, 120, 30), event(9_100_002, 180, 50)]})
+        assert posted.status_code == 200, posted.text
+
+        seen: dict[int, list[dict[str, Any]]] = {w: [] for w in workers}
+        deadline = time.monotonic() + 60
+        while min(len(rows) for rows in seen.values()) < 3:  # until both workers answered
+            assert time.monotonic() < deadline, {w: len(r) for w, r in seen.items()}
+            for worker, rows in answered_by(predict_on_new_connections(8)).items():
+                seen[worker].extend(rows)
+        for worker, rows in seen.items():
+            for features in rows:
+                assert (features["site_delay_3h_count"], features["site_delay_3h_mean"]) == (
+                    2, 40.0), worker
+    finally:
+        server.stop()

@@ -46,6 +46,7 @@ from ml_lifecycle.data.features import (
     time_parts,
 )
 from ml_lifecycle.data.sources import quote, sql_literal
+from ml_lifecycle.serving.event_journal import EventJournal
 from ml_lifecycle.serving.inference_log import InferenceLog, LogColumns, prediction_columns
 from ml_lifecycle.serving.online_store import MemoryOnlineStore, OnlineStore, columns_of
 from ml_lifecycle.serving.snapshot import current_snapshot
@@ -149,7 +150,10 @@ class ServingRuntime:
         max_batch: int = 10_000,
         unknown_categories: str | None = None,
         log_flush_interval: float = 0.0,
+        shared_events: bool = False,
     ) -> None:
+        """`shared_events`: several workers serve together; events posted to one reach the
+        others' embedded online stores through an `EventJournal` (see event_journal.py)."""
         self.spec = spec
         # "reject" (400 naming the field) or "score" (as missing, logged: drift sees it).
         self.unknown_categories = unknown_categories or spec.unknown_categories
@@ -194,6 +198,12 @@ class ServingRuntime:
         self.event_fields = self._event_fields(primary)
         self.store = store if store is not None else MemoryOnlineStore()
         self.seeded_events = self._seed_store() if store is None else 0
+        self.journal = (
+            EventJournal(self.snapshot.parent / "journal" / self.snapshot.name)
+            if shared_events and store is None
+            else None
+        )
+        self._catch_up()
         self.log = InferenceLog(log_dir or self.paths.inference, flush_interval=log_flush_interval)
         self.log.before_work = self._log_takes_a_core
         # ML_LIFECYCLE_INFERENCE_LOG=0 turns the prediction log off (benchmarks measure its cost).
@@ -429,6 +439,7 @@ class ServingRuntime:
     def _with_aggregates(self, cleaned: pa.Table) -> pa.Table:
         if not self.spec.aggregates:
             return cleaned
+        self._catch_up()
         times = cleaned.column(TIME).to_numpy(zero_copy_only=False)
         for aggregate in self.spec.aggregates:
             key_columns = [cleaned.column(k).to_pylist() for k in aggregate.keys]
@@ -654,6 +665,7 @@ class ServingRuntime:
 
     def _add_aggregates(self, columns: dict[str, Any]) -> None:
         """The history aggregates of the cleaned request rows, from the online store."""
+        self._catch_up()
         by_columns = getattr(self.store, "query_key_columns", None)
         for aggregate in self.spec.aggregates:
             if by_columns is not None:  # the request's key columns as they are, no tuples
@@ -953,7 +965,21 @@ class ServingRuntime:
         """Feed events (rows with their outcomes) to the online store; returns values added."""
         if not records:
             return 0
+        self._catch_up()
         cleaned = self._clean(records)
+        added = self._add_events(cleaned)
+        if self.journal is not None:  # the other workers apply it before their next read
+            self.journal.append(cleaned)
+        return added
+
+    def _catch_up(self) -> None:
+        """Apply the events other workers journaled since this worker last looked."""
+        if self.journal is None or not self.spec.aggregates:
+            return
+        for cleaned in self.journal.unapplied():
+            self._add_events(cleaned)
+
+    def _add_events(self, cleaned: pa.Table) -> int:
         added = 0
         for aggregate in self.spec.aggregates:
             value = cleaned.column(AGG_VALUE.format(aggregate.name)).to_pylist()
@@ -1008,7 +1034,10 @@ class ServingRuntime:
 _THREADED_FROM = 512  # rows
 # Both cores of the 2-core target for a large batch nobody else is predicting (1000 rows:
 # 5.5 -> 2.9 ms); more would only take cores from the HTTP workers and the log.
-_PREDICT_THREADS = min(2, os.cpu_count() or 1)
+# With several worker processes (ML_LIFECYCLE_WORKERS) each takes its share of the cores.
+_PREDICT_THREADS = max(
+    1, min(2, (os.cpu_count() or 1) // max(1, int(os.environ.get("ML_LIFECYCLE_WORKERS", "1") or 1)))
+)
 
 
 def _rows_of(inputs: dict[str, list[Any]]) -> int:

@@ -132,8 +132,15 @@ def _columns_model(name: str, fields: list[RequestField]) -> type[BaseModel]:
     return create_model(name, __base__=_EqualLengths, **definitions)
 
 
+# Worker processes (BentoML `workers`): each has its own runtime, log files and embedded online
+# store, kept in step through the event journal when there are several.
+WORKERS = int(os.environ.get("ML_LIFECYCLE_WORKERS", "1") or 1)
+if WORKERS < 1:
+    raise ValueError(f"ML_LIFECYCLE_WORKERS must be 1 or more, found {WORKERS}")
+
 RUNTIME = ServingRuntime(
     load_spec(dataset_spec_path()),
+    shared_events=WORKERS > 1,
     shadow=os.environ.get("ML_LIFECYCLE_SHADOW", "") not in ("", "0", "false"),
     max_batch=MAX_BATCH,
     # Group commit of the prediction log: at most this many seconds of predictions are lost
@@ -354,7 +361,7 @@ def _dump(record: BaseModel) -> dict[str, Any]:
     return record.model_dump()
 
 
-@bentoml.service(name="ml_lifecycle", traffic={"timeout": 60})
+@bentoml.service(name="ml_lifecycle", traffic={"timeout": 60}, workers=WORKERS)
 class Predictor:
     """Predictions from the champion model with the pipeline's own feature logic."""
 
