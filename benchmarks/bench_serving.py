@@ -576,6 +576,12 @@ def http_scenarios(
     if arrow:  # ours: an Arrow IPC stream in, Arrow out
         plan.append(("batch1000_arrow_c1", "predict_arrow", "arrow", 1, args.max_batches))
         plan.append(("batch1000_arrow_c2", "predict_arrow", "arrow", 2, args.max_batches))
+    if "_2w" in name:  # two workers: enough connections that both get some
+        # (a keep-alive connection stays with the worker that accepted it, and the kernel may
+        # give one worker most of them: more connections even it out)
+        plan.append(("batch1000_arrow_c4", "predict_arrow", "arrow", 4, 2 * args.max_batches))
+        plan.append(("batch1000_arrow_c8", "predict_arrow", "arrow", 8, 2 * args.max_batches))
+        plan.append(("batch1000_columns_c8", "predict_columns", "columns", 8, 2 * args.max_batches))
     if floor:  # no model: what BentoML itself costs per request
         plan.insert(0, ("floor_sync_c1", "noop_sync", "floor", 1, args.max_single))
         plan.insert(0, ("floor_async_c1", "noop", "floor", 1, args.max_single))
@@ -679,6 +685,20 @@ def table(results: dict[str, Any]) -> str:
             f"{cell('bare', key, 'p50_ms')} / {cell('bare', key, 'requests_per_s', '{:.0f}')}"
             " | - | - |"
         )
+    if "ours_2w" in http or "ours_2w_nolog" in http:
+        for key, label in (
+            ("batch1000_arrow_c2", "Arrow IPC, 2 conns"),
+            ("batch1000_arrow_c4", "Arrow IPC, 4 conns"),
+            ("batch1000_arrow_c8", "Arrow IPC, 8 conns"),
+            ("batch1000_columns_c8", "columns, 8 conns"),
+            ("single_c8", "single rows, req/s, 8 conns"),
+        ):
+            field = "requests_per_s" if key.startswith("single") else "rows_per_s"
+            rows.append(
+                f"| two workers (`ML_LIFECYCLE_WORKERS=2`), {label} (rows/s unless said) | - | - | "
+                + " | ".join(cell(v, key, field, "{:,.0f}") for v in ("ours_2w", "ours_2w_nolog"))
+                + " |"
+            )
     rows.append(f"| bulk predict, rows/s | {limit['bulk_rows_per_s']:,} | - | - | - |")
     rows.append(
         "| ServingRuntime.score in process, single row p50 (ms) | - | - | "
@@ -715,6 +735,12 @@ def logging_cost(http: dict[str, Any]) -> dict[str, Any]:
         off = http.get("ours_nolog", {}).get(key, {}).get("requests_per_s")
         if on and off:
             out[key] = round(100 * (off - on) / off, 1)
+    for key in ("single_c8", "batch1000_arrow_c2", "batch1000_arrow_c4", "batch1000_arrow_c8",
+                "batch1000_columns_c8"):
+        on = http.get("ours_2w", {}).get(key, {}).get("requests_per_s")
+        off = http.get("ours_2w_nolog", {}).get(key, {}).get("requests_per_s")
+        if on and off:
+            out[f"two_workers_{key}"] = round(100 * (off - on) / off, 1)
     return out
 
 
@@ -740,7 +766,7 @@ def main() -> None:
     parser.add_argument(
         "--max-batches", type=int, default=200, help="request cap per 1000-row batch scenario"
     )
-    parser.add_argument("--variants", default="bare,ours,ours_nolog")
+    parser.add_argument("--variants", default="bare,ours,ours_nolog,ours_2w,ours_2w_nolog")
     parser.add_argument("--python-client", action="store_true", help="httpx threads, not wrk")
     parser.add_argument("--max-load", type=float, default=1.0)
     parser.add_argument("--wait-minutes", type=float, default=15)
@@ -847,7 +873,9 @@ def main() -> None:
                 bodies = (single_bare, batch_bare)
                 extra = {"matrix": matrix_bare, "floor": floor}
             else:
-                env["ML_LIFECYCLE_INFERENCE_LOG"] = "0" if variant == "ours_nolog" else "1"
+                env["ML_LIFECYCLE_INFERENCE_LOG"] = "0" if variant.endswith("nolog") else "1"
+                # ours_2w*: two worker processes (events shared through the journal)
+                env["ML_LIFECYCLE_WORKERS"] = "2" if "_2w" in variant else "1"
                 target, cwd = "ml_lifecycle.serving.service:Predictor", REPO
                 bodies = (single_ours, batch_ours)
                 extra = {"columns": columns_ours, "arrow": arrow_ours}

@@ -180,8 +180,11 @@ def serving_rows() -> list[list[str]]:
         ],
         [
             "3 serving, batches",
-            "rows/s in 1000-row requests, 1 connection",
-            _num(_get(ours, "batch1000_c1", "rows_per_s"), " rows/s"),
+            "rows/s in 1000-row requests: JSON records, 1 connection; Arrow IPC, 1 worker / "
+            "2 workers (4 connections)",
+            f"{_num(_get(ours, 'batch1000_c1', 'rows_per_s'), ' rows/s')}; Arrow "
+            f"{_num(_get(ours, 'batch1000_arrow_c1', 'rows_per_s'))} / "
+            f"{_num(_get(data, 'http', 'ours_2w', 'batch1000_arrow_c4', 'rows_per_s'), ' rows/s')}",
             f"bare BentoML {_num(_get(bare, 'batch1000_c1', 'rows_per_s'), ' rows/s')}; "
             f"model alone {_num(_get(data, 'in_process_model', 'bulk_rows_per_s'), ' rows/s')}",
             _date(data, "bench_serving"),
