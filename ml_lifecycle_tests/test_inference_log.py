@@ -183,3 +183,24 @@ def test_a_group_commit_writes_in_chunks_and_lets_predictions_pass_between(tmp_p
     finally:
         queued.close()
         immediate.close()
+
+
+def test_only_runs_of_small_parts_are_merged(tmp_path: Path):
+    """A part of `merge_below_rows` rows or more stays as written (merging big batches cost the
+    flush thread seconds); the small parts on either side merge into their own files, and a
+    merged file never covers a big part's sequence number."""
+    log = InferenceLog(tmp_path, worker="host-1", compact_parts=6, merge_below_rows=4)
+    ids = _log_batch(log, 0, rows=2) + _log_batch(log, 1, rows=3)  # small: 0, 1
+    ids += _log_batch(log, 2, rows=4)  # big: 2
+    ids += _log_batch(log, 3, rows=1) + _log_batch(log, 4, rows=2)  # small: 3, 4
+    ids += _log_batch(log, 5, rows=4)  # big: 5 (the sixth part: compaction)
+    session = log.session
+    assert sorted(p.name for p in tmp_path.glob("predictions-*.parquet")) == [
+        f"predictions-host-1.{session}.00000000-00000001.parquet",
+        f"predictions-host-1.{session}.00000002.parquet",
+        f"predictions-host-1.{session}.00000003-00000004.parquet",
+        f"predictions-host-1.{session}.00000005.parquet",
+    ]
+    assert _count(tmp_path) == (len(ids), len(ids))
+    log.close()
+    assert _count(tmp_path) == (len(ids), len(ids))
