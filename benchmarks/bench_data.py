@@ -466,11 +466,11 @@ def _io_floor(spec, home: Path) -> dict:
     floor_db = home / "io_floor.duckdb"
     conn = duckdb.connect(str(floor_db))
     # The files' types, found untimed, then declared to the timed read (no sniffing pass).
-    sniffing = reader_sql(spec.source, "__FILES__").replace("'__FILES__'", repr(files))
+    sniffing = reader_sql(spec.source, files)
     types = {r[0]: r[1] for r in conn.execute(f"DESCRIBE SELECT * FROM {sniffing}").fetchall()}
     typed = spec.source.model_copy(update={"options": {
         **spec.source.options, "columns": types, "auto_detect": False, "header": True}})
-    reader = reader_sql(typed, "__FILES__").replace("'__FILES__'", repr(files))
+    reader = reader_sql(typed, files)
     conn.execute(f"ATTACH '{spec.paths().warehouse}' AS built (READ_ONLY)")
     steps = {}
     for name, sql in (

@@ -276,8 +276,7 @@ def _ingest_csv_bulk(
         return False
     paths = [str(path) for path, _ in todo]
     options.update(header=True, filename=SOURCE_FILE)
-    reader = reader_sql(source.model_copy(update={"options": options}), "__FILES__").replace(
-        sql_literal("__FILES__"), sql_literal(paths))
+    reader = reader_sql(source.model_copy(update={"options": options}), paths)
     try:  # DuckDB sniffs the files' types as the per-file path does, and checks every file
         # against them while reading (a mismatch is an error, not a cast)
         described = conn.execute(f"DESCRIBE SELECT * EXCLUDE ({SOURCE_FILE}) FROM {reader}"
@@ -297,8 +296,7 @@ def _ingest_csv_bulk(
     # its column's type is still an error (then the per-file path widens the column).
     options.pop("sample_size", None)
     options.update(columns=columns, auto_detect=False)
-    reader = reader_sql(source.model_copy(update={"options": options}), "__FILES__").replace(
-        sql_literal("__FILES__"), sql_literal(paths))
+    reader = reader_sql(source.model_copy(update={"options": options}), paths)
     select = ", ".join(
         [quote(c) for c in columns]
         + [f"{quote(SOURCE_FILE)}", f"{_timestamp_sql(now)} AS {quote(INGESTED_AT)}"])

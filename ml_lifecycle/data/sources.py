@@ -34,8 +34,9 @@ def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def reader_sql(source: Source, location: str) -> str:
-    """The DuckDB table function call that reads one file of this source."""
+def reader_sql(source: Source, location: str | list[str]) -> str:
+    """The DuckDB table function call that reads one file of this source (or several, as one
+    multi-file scan, given a list)."""
     fmt = source.resolved_format
     options = dict(source.options)
     # Types from every row, not DuckDB's 20,480-row sample: past the sample a CSV value that does
