@@ -66,6 +66,14 @@ def _check(store, aggregate, history, queries, single: bool) -> int:
     return len(keys)
 
 
+def _joined(history: tuple, more: tuple) -> tuple:
+    """Two event sets (keys, times, values) as one."""
+    return tuple(
+        (a + b) if isinstance(a, list) else np.concatenate([a, b])
+        for a, b in zip(history, more, strict=True)
+    )
+
+
 @pytest.mark.parametrize("integral", [True, False])
 @pytest.mark.parametrize("single", [True, False])
 def test_memory_store_follows_the_definition_before_and_after_appends(integral, single):
@@ -100,19 +108,13 @@ def test_memory_store_follows_the_definition_before_and_after_appends(integral, 
     for _ in range(2):
         more = _events(rng, 120, keys, integral)
         add(more)
-        history = tuple(
-            (a + b) if isinstance(a, list) else np.concatenate([a, b])
-            for a, b in zip(history, more, strict=True)
-        )
+        history = _joined(history, more)
         checked += _check(store, aggregate, history, queries(200), single)
         assert store._pending_size[aggregate.name] > 0  # still recent events, not consolidated
     # ... then past `consolidate_from`, merged into the history.
     more = _events(rng, 400, keys, integral)
     add(more)
-    history = tuple(
-        (a + b) if isinstance(a, list) else np.concatenate([a, b])
-        for a, b in zip(history, more, strict=True)
-    )
+    history = _joined(history, more)
     checked += _check(store, aggregate, history, queries(200), single)
     assert store._pending_size[aggregate.name] == 0
     assert store.size() == len(history[0])

@@ -79,6 +79,15 @@ class BatchValidator:
         self.names = {rule.name for rule in self.rules}
         self.required = {rule.name for rule in self.rules if rule.required}
 
+    def _fields(self, sent: set[str], where: str) -> None:
+        """A column-wise batch sends only known fields and every required one."""
+        unknown = sorted(sent - self.names)
+        if unknown:
+            raise RequestError(f"{where}: unknown field(s) {unknown}; known: {sorted(self.names)}")
+        missing = sorted(self.required - sent)
+        if missing:
+            raise RequestError(f"{where}: missing required field(s) {missing}")
+
     def _size(self, rows: int, where: str, what: str) -> None:
         if rows < 1:
             raise RequestError(f"{where}: the batch is empty: send 1 to {self.max_batch} {what}")
@@ -89,12 +98,7 @@ class BatchValidator:
 
     def columns(self, columns: dict[str, Any], where: str = "columns") -> dict[str, list[Any]]:
         """`{"<field>": [values...]}` checked; optional fields may be left out."""
-        unknown = sorted(set(columns) - self.names)
-        if unknown:
-            raise RequestError(f"{where}: unknown field(s) {unknown}; known: {sorted(self.names)}")
-        missing = sorted(self.required - set(columns))
-        if missing:
-            raise RequestError(f"{where}: missing required field(s) {missing}")
+        self._fields(set(columns), where)
         lengths = {}
         for name, values in columns.items():
             if type(values) is not list:
@@ -142,12 +146,7 @@ class BatchValidator:
         names = table.column_names
         if len(set(names)) != len(names):
             raise RequestError(f"{where}: a field is sent twice: {names}")
-        unknown = sorted(set(names) - self.names)
-        if unknown:
-            raise RequestError(f"{where}: unknown field(s) {unknown}; known: {sorted(self.names)}")
-        missing = sorted(self.required - set(names))
-        if missing:
-            raise RequestError(f"{where}: missing required field(s) {missing}")
+        self._fields(set(names), where)
         self._size(table.num_rows, where, "rows")
         out: dict[str, list[Any]] = {}
         for rule in self.rules:

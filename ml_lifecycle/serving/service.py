@@ -37,7 +37,12 @@ from pydantic import (
 from starlette.responses import Response
 
 from ml_lifecycle.serving.request_validation import BatchValidator, InvalidValue
-from ml_lifecycle.serving.runtime import RequestError, RequestField, ServingRuntime
+from ml_lifecycle.serving.runtime import (
+    RequestError,
+    RequestField,
+    ServingRuntime,
+    configured_workers,
+)
 from ml_lifecycle.settings import dataset_spec_path
 from ml_lifecycle.spec import load_spec
 
@@ -134,9 +139,7 @@ def _columns_model(name: str, fields: list[RequestField]) -> type[BaseModel]:
 
 # Worker processes (BentoML `workers`): each has its own runtime, log files and embedded online
 # store, kept in step through the event journal when there are several.
-WORKERS = int(os.environ.get("ML_LIFECYCLE_WORKERS", "1") or 1)
-if WORKERS < 1:
-    raise ValueError(f"ML_LIFECYCLE_WORKERS must be 1 or more, found {WORKERS}")
+WORKERS = configured_workers()
 
 RUNTIME = ServingRuntime(
     load_spec(dataset_spec_path()),
