@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 
 from ml_lifecycle.monitoring.lineage import find_prediction
 from ml_lifecycle.serving.inference_log import (
-    CHUNK_ROWS,
     InferenceLog,
     prediction_files,
     read_predictions,
@@ -143,11 +142,11 @@ def test_an_empty_folder_has_no_predictions(tmp_path: Path):
     assert read_predictions(tmp_path) is None
 
 
-def test_a_group_commit_writes_in_chunks_and_lets_predictions_pass_between(tmp_path: Path):
-    """The flush thread writes a large commit one row group at a time and calls the service's
-    hook before building and before each later chunk (where a prediction in flight ends
-    first); a request writing its own batch (no group commit) never waits there."""
-    rows = 2 * CHUNK_ROWS + 10
+def test_a_group_commit_lets_predictions_pass_between_build_and_write(tmp_path: Path):
+    """The flush thread calls the service's hook before building and again before writing
+    (where a prediction in flight ends first), and writes the commit as one file; a request
+    writing its own batch (no group commit) never waits there."""
+    rows = 10_000
     seen: list[bool] = []
 
     def log_rows(log: InferenceLog, prefix: str) -> None:
@@ -171,14 +170,14 @@ def test_a_group_commit_writes_in_chunks_and_lets_predictions_pass_between(tmp_p
         log_rows(queued, "q")
         assert not queued.files() and not seen  # queued until the flush
         queued.flush()
-        # Before building, before the write, before each of the two later chunks.
-        assert seen == [False, False, False, False]
+        # Before building, before the write.
+        assert seen == [False, False]
         assert not queued.flushing
         (path,) = queued.files()
-        assert pq.ParquetFile(path).metadata.num_row_groups == 3
+        assert pq.ParquetFile(path).metadata.num_rows == rows
         assert _count(tmp_path / "queued") == (rows, rows)
         log_rows(immediate, "i")
-        assert len(seen) == 4 and not immediate.flushing
+        assert len(seen) == 2 and not immediate.flushing
         assert _count(tmp_path / "immediate") == (rows, rows)
     finally:
         queued.close()

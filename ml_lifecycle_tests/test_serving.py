@@ -1332,3 +1332,33 @@ def test_two_workers_share_the_events_posted_to_either(served: Served):
                     2, 40.0), worker
     finally:
         server.stop()
+
+
+def test_the_service_lets_idle_openmp_threads_sleep(served: Served):
+    """The service module turns libgomp's spin-wait off before LightGBM loads it (a spinning
+    OpenMP thread took most of a core between batches from the HTTP loop, the log's flush and
+    other workers); an OMP_WAIT_POLICY set by the operator is kept."""
+    show = (
+        "import ctypes, ml_lifecycle.serving.service; "
+        "ctypes.CDLL('libgomp.so.1').omp_display_env(1)"
+    )
+
+    def displayed(extra: dict[str, str]) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env.update(
+            {
+                "ML_LIFECYCLE_HOME": str(served.home),
+                "ML_LIFECYCLE_DATASET": str(served.spec_path),
+                "ML_LIFECYCLE_INFERENCE_LOG": "0",
+                **extra,
+            }
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", show], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    assert "GOMP_SPINCOUNT = '0'" in displayed({})
+    kept = displayed({"OMP_WAIT_POLICY": "active"})
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in kept and "GOMP_SPINCOUNT = '0'" not in kept

@@ -18,6 +18,7 @@ requests in flight finish on the model they started with, none fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -192,8 +193,9 @@ class ServingRuntime:
         self._threaded = 0  # predictions in flight on more than one thread
         self._reload_lock = threading.Lock()
         self.fields = self._request_fields(primary)
+        self._cleaned_types = {f.name: f.type for f in self._empty_cleaned().schema}
         self._text_columns = {
-            f.name for f in self._empty_cleaned().schema if pa.types.is_string(f.type)
+            name for name, kind in self._cleaned_types.items() if pa.types.is_string(kind)
         }
         self.event_fields = self._event_fields(primary)
         self.store = store if store is not None else MemoryOnlineStore()
@@ -806,7 +808,13 @@ class ServingRuntime:
                 unseen = np.isnan(codes)
                 levels = model.log_levels.get(name)
                 if levels is not None:  # text: the level *is* the value sent, no strings built
-                    indices = pa.array(np.where(unseen, 0, codes).astype(np.int32), mask=unseen)
+                    with np.errstate(invalid="ignore"):  # NaN codes: masked below
+                        indices = codes.astype(np.int32)
+                    if unseen.any():
+                        indices[unseen] = 0
+                        indices = pa.array(indices, mask=unseen)
+                    else:
+                        indices = pa.array(indices)
                     out[name] = pa.DictionaryArray.from_arrays(indices, levels)
                 else:
                     values = np.asarray(columns[name], dtype=object)
@@ -817,6 +825,22 @@ class ServingRuntime:
                 out[name] = [None if v is None else int(v) for v in columns[name]]
             else:
                 out[name] = np.asarray(columns[name], dtype=np.float64)
+        return out
+
+    def _logged_ids(self, columns: dict[str, Any]) -> dict[str, Any]:
+        """The id columns as cleaned; whole numbers as int64 arrays, so Arrow does not guess
+        the type of each value (a quarter of the cost)."""
+        out: dict[str, Any] = {}
+        for name in self.spec.id_columns:
+            if name not in columns:
+                continue
+            values = columns[name]
+            kind = self._cleaned_types.get(name)
+            out[name] = values
+            if kind is not None and pa.types.is_integer(kind) and isinstance(values, np.ndarray):
+                # the cleaning gives ints (or None: then Arrow reads the objects)
+                with contextlib.suppress(TypeError, ValueError):
+                    out[name] = values.astype(np.int64)
         return out
 
     def _log_compiled(
@@ -852,7 +876,12 @@ class ServingRuntime:
                 shadow,
                 one.shadow_prediction,
             )
-        needed = [*model.state.feature_names, *self.spec.id_columns]
+        # Text features come from the matrix's codes (`_readable`): their columns are not
+        # needed, unless they are also ids.
+        needed = [
+            *(n for n in model.state.feature_names if n not in model.log_levels),
+            *self.spec.id_columns,
+        ]
         if self.spec.has_time:
             needed.append(TIME)
         columns = {
@@ -907,7 +936,7 @@ class ServingRuntime:
     ) -> LogColumns:
         rows = len(ids)
         times = columns[TIME] if self.spec.has_time else [None] * rows
-        id_columns = {name: columns[name] for name in self.spec.id_columns if name in columns}
+        readable = self._readable(columns, model, matrix)
         shadows = None
         if shadow is not None and shadow_prediction is not None:
             shadows = {"model_version": shadow.version}
@@ -918,8 +947,8 @@ class ServingRuntime:
             model.version,
             self._logged_outcome(prediction, model)["prediction"],
             times,
-            id_columns,
-            self._readable(columns, model, matrix),
+            self._logged_ids(columns),
+            readable,
             shadows,
         )
 
