@@ -609,6 +609,154 @@ def http_scenarios(
     return out
 
 
+def write_bodies(work: Path, name: str, kinds: dict[str, list[bytes]]) -> dict[str, Path]:
+    """wrk's body files: one JSON body per line, or (arrow) a listing of one file per body."""
+    files = {}
+    for kind, bodies in kinds.items():
+        if kind == "arrow":
+            paths = []
+            for index, body in enumerate(bodies):
+                paths.append(work / f"{name}_arrow_{index}.arrows")
+                paths[-1].write_bytes(body)
+            files[kind] = work / f"{name}_arrow.list"
+            files[kind].write_text("".join(f"{p}\n" for p in paths))
+        else:
+            files[kind] = work / f"{name}_{kind}.jsonl"
+            files[kind].write_bytes(b"\n".join(bodies) + b"\n")
+    return files
+
+
+def server_cpu_s(server: Any) -> float:
+    """CPU seconds (user + system) used so far by a `bentoml serve` process and its workers."""
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def logging_cost_ab(
+    env: dict[str, str],
+    workers: int,
+    bodies: dict[str, list[bytes]],
+    work: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The log's cost measured side by side: the service with the log on and with it off run
+    at the same time (only one under load at any moment), and each scenario alternates
+    between them for `--ab-rounds` rounds (on-off, off-on, ...), 1 s apart so the last
+    burst's log flush is over. Sequential variants minutes apart drift by more than the log
+    costs on a shared 2-CPU machine; alternating rounds cancel that drift."""
+    import httpx
+
+    name = f"ab{workers}w"
+    files = write_bodies(work, name, bodies)
+    servers = {}
+    try:
+        for log in ("on", "off"):
+            servers[log] = start(
+                "ml_lifecycle.serving.service:Predictor",
+                {
+                    **env,
+                    "ML_LIFECYCLE_INFERENCE_LOG": "1" if log == "on" else "0",
+                    "ML_LIFECYCLE_WORKERS": str(workers),
+                },
+                work / f"{name}_{log}.log",
+                REPO,
+            )
+        for server in servers.values():  # warm-up: every route once per worker, roughly
+            with httpx.Client(timeout=60) as client:
+                for body in bodies["single"][:100]:
+                    client.post(
+                        f"{server.url}/predict",
+                        content=body,
+                        headers={"content-type": "application/json"},
+                    ).raise_for_status()
+                for body in bodies["arrow"][: 4 * workers]:
+                    client.post(
+                        f"{server.url}/predict_arrow",
+                        content=body,
+                        headers={"content-type": ARROW_STREAM},
+                    ).raise_for_status()
+        plan = (
+            [
+                ("single_c1", "predict", "single", 1, args.max_single),
+                ("single_c8", "predict", "single", 8, args.max_single),
+                ("batch1000_arrow_c1", "predict_arrow", "arrow", 1, args.max_batches),
+                ("batch1000_arrow_c2", "predict_arrow", "arrow", 2, args.max_batches),
+            ]
+            if workers == 1
+            else [
+                ("single_c8", "predict", "single", 8, args.max_single),
+                ("batch1000_arrow_c4", "predict_arrow", "arrow", 4, 2 * args.max_batches),
+                ("batch1000_arrow_c8", "predict_arrow", "arrow", 8, 2 * args.max_batches),
+            ]
+        )
+        out: dict[str, Any] = {}
+        for key, route, kind, connections, limit in plan:
+            rates: dict[str, list[float]] = {"on": [], "off": []}
+            cpu: dict[str, list[float]] = {"on": [], "off": []}  # server CPU ms per request
+            errors = 0
+            for round_ in range(args.ab_rounds):
+                for log in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
+                    time.sleep(0.5)
+                    used = server_cpu_s(servers[log])
+                    result = run_wrk(
+                        f"{servers[log].url}/{route}",
+                        files[kind],
+                        connections,
+                        args.ab_duration,
+                        limit,
+                        ARROW_STREAM if kind == "arrow" else "application/json",
+                    )
+                    time.sleep(0.5)  # the burst's last log flush is done (and counted)
+                    used = server_cpu_s(servers[log]) - used
+                    rates[log].append(result["requests_per_s"] * (1000 if kind == "arrow" else 1))
+                    cpu[log].append(round(1000 * used / max(result["requests"], 1), 3))
+                    errors += result["errors"]
+            on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+            out[key] = {
+                "unit": "rows/s" if kind == "arrow" else "requests/s",
+                "on": rates["on"],
+                "off": rates["off"],
+                "median_on": round(on, 1),
+                "median_off": round(off, 1),
+                "cost_pct": round(100 * (off - on) / off, 1),
+                "round_costs_pct": [
+                    round(100 * (b - a) / b, 1)
+                    for a, b in zip(rates["on"], rates["off"], strict=True)
+                ],
+                "cpu_ms_per_request_on": cpu["on"],
+                "cpu_ms_per_request_off": cpu["off"],
+                # the log's share of the server's CPU: at saturation, the throughput it costs
+                "cpu_cost_pct": round(
+                    100
+                    * (statistics.median(cpu["on"]) - statistics.median(cpu["off"]))
+                    / statistics.median(cpu["on"]),
+                    1,
+                ),
+                "errors": errors,
+            }
+            print(
+                f"  log cost, {workers} worker(s), {key:20s} on {on:10,.0f}  off {off:10,.0f}  "
+                f"cost {out[key]['cost_pct']:5.1f}%  rounds {out[key]['round_costs_pct']}  "
+                f"CPU/request {statistics.median(cpu['on']):.3f} vs "
+                f"{statistics.median(cpu['off']):.3f} ms ({out[key]['cpu_cost_pct']}%)  "
+                f"errors {errors}  load {load1()}",
+                flush=True,
+            )
+        return out
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -735,8 +883,13 @@ def logging_cost(http: dict[str, Any]) -> dict[str, Any]:
         off = http.get("ours_nolog", {}).get(key, {}).get("requests_per_s")
         if on and off:
             out[key] = round(100 * (off - on) / off, 1)
-    for key in ("single_c8", "batch1000_arrow_c2", "batch1000_arrow_c4", "batch1000_arrow_c8",
-                "batch1000_columns_c8"):
+    for key in (
+        "single_c8",
+        "batch1000_arrow_c2",
+        "batch1000_arrow_c4",
+        "batch1000_arrow_c8",
+        "batch1000_columns_c8",
+    ):
         on = http.get("ours_2w", {}).get(key, {}).get("requests_per_s")
         off = http.get("ours_2w_nolog", {}).get(key, {}).get("requests_per_s")
         if on and off:
@@ -768,6 +921,14 @@ def main() -> None:
     )
     parser.add_argument("--variants", default="bare,ours,ours_nolog,ours_2w,ours_2w_nolog")
     parser.add_argument("--python-client", action="store_true", help="httpx threads, not wrk")
+    parser.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=3,
+        help="alternating log on/off rounds per scenario for the side-by-side log cost (0: skip)",
+    )
+    parser.add_argument("--ab-duration", type=float, default=5, help="seconds per A/B measurement")
+    parser.add_argument("--ab-workers", default="1,2", help="worker counts for the A/B log cost")
     parser.add_argument("--max-load", type=float, default=1.0)
     parser.add_argument("--wait-minutes", type=float, default=15)
     parser.add_argument("--out", default=str(RESULTS))
@@ -891,6 +1052,23 @@ def main() -> None:
             finally:
                 server.stop()
         results["logging_cost_pct"] = logging_cost(results["http"])
+        if args.ab_rounds > 0 and shutil.which("wrk"):
+            results["logging_cost_ab"] = {}
+            for workers in (int(w) for w in args.ab_workers.split(",") if w):
+                print(f"log cost side by side, {workers} worker(s)...", flush=True)
+                results["logging_cost_ab"][f"{workers}_worker{'s' if workers > 1 else ''}"] = (
+                    logging_cost_ab(
+                        {
+                            "BENTOML_HOME": str(bentoml_home),
+                            "ML_LIFECYCLE_HOME": str(setup["home"]),
+                            "ML_LIFECYCLE_DATASET": str(setup["spec_path"]),
+                        },
+                        workers,
+                        {"single": single_ours, "arrow": arrow_ours},
+                        work,
+                        args,
+                    )
+                )
         previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         if "http" in previous:  # the run this one replaces, for comparison
             results["previous_run"] = {
@@ -902,6 +1080,7 @@ def main() -> None:
                     "profile_ms",
                     "http",
                     "logging_cost_pct",
+                    "logging_cost_ab",
                     "table",
                 )
             }
@@ -918,7 +1097,16 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
         print()
         print(results["table"])
-        print(f"\nlogging cost (% of requests/s): {results['logging_cost_pct']}")
+        print(
+            f"\nlogging cost (% of requests/s), variants in sequence: {results['logging_cost_pct']}"
+        )
+        for workers, scenarios in results.get("logging_cost_ab", {}).items():
+            print(
+                f"logging cost side by side, {workers}: "
+                + ", ".join(
+                    f"{k} {v['cost_pct']}% (CPU {v['cpu_cost_pct']}%)" for k, v in scenarios.items()
+                )
+            )
         print("\nprofile of one score() (median ms):")
         for size, steps in results["profile_ms"].items():
             print(f"  {size}: " + ", ".join(f"{k} {v}" for k, v in steps.items()))

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from ml_lifecycle.monitoring.lineage import find_prediction
 from ml_lifecycle.serving.inference_log import (
+    POLARS_FROM_ROWS,
     InferenceLog,
     prediction_files,
     read_predictions,
@@ -203,3 +204,43 @@ def test_only_runs_of_small_parts_are_merged(tmp_path: Path):
     assert _count(tmp_path) == (len(ids), len(ids))
     log.close()
     assert _count(tmp_path) == (len(ids), len(ids))
+
+
+def test_big_and_small_commits_read_and_merge_alike(tmp_path: Path):
+    """A commit of POLARS_FROM_ROWS rows or more is written by Polars (its Parquet keeps Arrow's
+    dictionary types), a smaller one by pyarrow (plain types): DuckDB reads both the same, and
+    the two kinds merge into one file with every row once."""
+    log = InferenceLog(tmp_path, worker="w", compact_parts=10**6, merge_below_rows=10**9)
+    big = POLARS_FROM_ROWS + 5
+    levels = np.array(["EWR", "JFK", None, "LGA"], dtype=object)
+    for batch, rows in enumerate((big, 3)):
+        log.write_predictions(
+            [f"b{batch}-{i}" for i in range(rows)],
+            "v0001",
+            np.linspace(0.0, 1.0, rows),
+            np.full(rows, np.datetime64("2013-05-01T10:00", "us")),
+            {"trip_id": np.arange(rows)},
+            {"origin": levels[np.arange(rows) % 4], "distance": np.arange(rows, dtype=float)},
+        )
+    big_file, small_file = log.files()
+    assert b"ARROW:schema" in (pq.read_metadata(big_file).metadata or {})  # Polars wrote it
+    assert b"ARROW:schema" not in (pq.read_metadata(small_file).metadata or {})
+    conn = duckdb.connect()
+
+    def origins() -> list[tuple]:
+        relation = read_predictions(tmp_path, conn)
+        assert relation is not None
+        return relation.query(
+            "p",
+            "SELECT features.origin, count(*), count(DISTINCT request_id) FROM p "
+            "GROUP BY ALL ORDER BY 1 NULLS LAST",
+        ).fetchall()
+
+    before = origins()
+    assert sum(count for _, count, _ in before) == big + 3
+    assert [value for value, _, _ in before] == ["EWR", "JFK", "LGA", None]
+    assert all(count == distinct for _, count, distinct in before)
+    log.close()  # compaction: the two parts are one run of "small" parts here
+    (merged,) = log.files()
+    assert "-" in merged.name.split(".")[-2]
+    assert origins() == before

@@ -275,6 +275,31 @@ def test_http_predictions_equal_offline_predictions(served: Served, client: http
         single = client.post("/predict", json=served.test_records[index])
         assert single.status_code == 200, single.text
         assert abs(single.json()["prediction"] - offline[index]) <= 1e-9
+        assert single.headers["content-type"] == "application/json"  # fixed once per route
+
+
+def test_json_routes_have_their_media_type_fixed_once(served: Served):
+    """BentoML would rebuild each JSON route's output schema on every response to find its
+    media type; the service fixes it once, to what that schema gives."""
+    show = (
+        "import json, ml_lifecycle.serving.service as s; "
+        "print(json.dumps({k: a.output_spec.media_type for k, a in s.Predictor.apis.items()}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", show],
+        env={**os.environ, **_service_env(served), "ML_LIFECYCLE_INFERENCE_LOG": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    types = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("predict", "predict_batch", "predict_columns", "events", "labels", "model"):
+        assert types[name] == "application/json", (name, types)
+
+
+def _service_env(served: Served) -> dict[str, str]:
+    return {"ML_LIFECYCLE_HOME": str(served.home), "ML_LIFECYCLE_DATASET": str(served.spec_path)}
 
 
 def test_columns_payload_scores_like_records(served: Served, client: httpx.Client):
@@ -1345,14 +1370,7 @@ def test_the_service_lets_idle_openmp_threads_sleep(served: Served):
 
     def displayed(extra: dict[str, str]) -> str:
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        env.update(
-            {
-                "ML_LIFECYCLE_HOME": str(served.home),
-                "ML_LIFECYCLE_DATASET": str(served.spec_path),
-                "ML_LIFECYCLE_INFERENCE_LOG": "0",
-                **extra,
-            }
-        )
+        env.update({**_service_env(served), "ML_LIFECYCLE_INFERENCE_LOG": "0", **extra})
         done = subprocess.run(
             [sys.executable, "-c", show], env=env, capture_output=True, text=True, timeout=300
         )
