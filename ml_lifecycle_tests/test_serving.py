@@ -919,6 +919,28 @@ def test_a_batch_logs_what_its_records_log_one_by_one(served: Served):
         assert batch == single
     assert lines[batch_ids[3]]["features"]["vehicle"] is None
     assert lines[batch_ids[3]]["ids"]["trip_id"] == records[3]["trip_id"]
+    # Each feature as scored is the features table's value offline (numbers to the model
+    # matrix's float32), name by name.
+    trip_ids = [r["trip_id"] for r in records]
+    names = sorted(lines[batch_ids[0]]["features"])
+    with warehouse_connection(served.spec.paths().warehouse) as conn:
+        offline = conn.sql(
+            "SELECT trip_id, " + ", ".join(names) + " FROM features WHERE trip_id IN "
+            f"({', '.join(str(t) for t in trip_ids)})"
+        ).fetchall()
+    by_trip = {row[0]: dict(zip(names, row[1:], strict=True)) for row in offline}
+    for index, (batch_id, trip_id) in enumerate(zip(batch_ids, trip_ids, strict=True)):
+        logged_features, expected = lines[batch_id]["features"], by_trip[trip_id]
+        for name in names:
+            got, want = logged_features[name], expected[name]
+            if index == 3 and name == "vehicle":
+                continue  # sent as "rocket": unseen, logged as null
+            if isinstance(want, float) and not math.isnan(want):
+                assert got == pytest.approx(want, rel=1e-6, abs=1e-6), (trip_id, name)
+            elif want is None or (isinstance(want, float) and math.isnan(want)):
+                assert got is None, (trip_id, name, got)
+            else:
+                assert got == want, (trip_id, name)
     features = [lines[i]["features"] for i in batch_ids]
     assert any(value is None for f in features for value in f.values())
     assert any(f["readings_wind"] is None for f in features)  # stale or missing readings

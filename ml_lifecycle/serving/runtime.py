@@ -44,7 +44,6 @@ from ml_lifecycle.data.features import (
     FeatureEncoder,
     FeatureState,
     feature_select_sql,
-    time_parts,
 )
 from ml_lifecycle.data.sources import quote, sql_literal
 from ml_lifecycle.serving.event_journal import EventJournal
@@ -793,11 +792,18 @@ class ServingRuntime:
     def _readable(
         self, columns: dict[str, Any], model: LoadedModel, matrix: np.ndarray
     ) -> dict[str, Any]:
-        """The features as scored, by name, as the features table holds them: categorical
-        levels as sent (unseen: None), numbers as float64 arrays (NaN = null)."""
+        """The features as scored, by name: what the model's matrix holds (float32, stored as
+        float64; NaN = null); categorical levels as sent (unseen: None). Numbers come from the
+        matrix, not from the request's columns: a commit of many single-row requests then
+        concatenates one small matrix per request instead of ~40 one-value columns each."""
         assert model.encoder is not None
-        parts = time_parts(columns[TIME]) if self.spec.has_time else {}
         position = model.positions
+        numbers = [
+            f.name for f in model.state.features if not f.categorical and f.kind != "boolean"
+        ]
+        # One transposed float64 copy of the number columns: each row is one feature.
+        block = matrix[:, [position[name] for name in numbers]].T.astype(np.float64)
+        row = {name: index for index, name in enumerate(numbers)}
         out: dict[str, Any] = {}
         for feature in model.state.features:
             name = feature.name
@@ -819,12 +825,12 @@ class ServingRuntime:
                 else:
                     values = np.asarray(columns[name], dtype=object)
                     out[name] = np.where(unseen, None, values)
-            elif feature.kind == "time":
-                out[name] = parts[name]
             elif feature.kind == "boolean":
-                out[name] = [None if v is None else int(v) for v in columns[name]]
+                flags = matrix[:, position[name]]
+                missing = np.isnan(flags)
+                out[name] = pa.array(np.where(missing, 0, flags).astype(np.int64), mask=missing)
             else:
-                out[name] = np.asarray(columns[name], dtype=np.float64)
+                out[name] = block[row[name]]
         return out
 
     def _logged_ids(self, columns: dict[str, Any]) -> dict[str, Any]:
@@ -876,10 +882,14 @@ class ServingRuntime:
                 shadow,
                 one.shadow_prediction,
             )
-        # Text features come from the matrix's codes (`_readable`): their columns are not
-        # needed, unless they are also ids.
+        # Numbers, booleans and text levels come from the matrix (`_readable`): only the ids,
+        # the time and categorical features without text levels are needed as columns.
         needed = [
-            *(n for n in model.state.feature_names if n not in model.log_levels),
+            *(
+                f.name
+                for f in model.state.features
+                if f.categorical and f.name not in model.log_levels
+            ),
             *self.spec.id_columns,
         ]
         if self.spec.has_time:
@@ -973,7 +983,15 @@ class ServingRuntime:
             for name in self.spec.id_columns
             if name in cleaned.column_names
         }
-        features = {name: readable.column(name).to_pylist() for name in readable.column_names}
+        # Numbers as the model scored them (its matrix is float32), as the compiled path logs.
+        features = {
+            name: (
+                readable.column(name).cast(pa.float32()).cast(pa.float64())
+                if pa.types.is_floating(readable.column(name).type)
+                else readable.column(name)
+            ).to_pylist()
+            for name in readable.column_names
+        }
         shadows = None
         if shadow is not None and shadow_prediction is not None:
             shadows = {"model_version": shadow.version}
