@@ -792,8 +792,8 @@ class ServingRuntime:
     def _readable(
         self, columns: dict[str, Any], model: LoadedModel, matrix: np.ndarray
     ) -> dict[str, Any]:
-        """The features as scored, by name: what the model's matrix holds (float32, stored as
-        float64; NaN = null); categorical levels as sent (unseen: None). Numbers come from the
+        """The features as scored, by name: what the model's matrix holds (numbers as its
+        float32 values, stored as float32: the model's own precision; NaN = null); categorical levels as sent (unseen: None). Numbers come from the
         matrix, not from the request's columns: a commit of many single-row requests then
         concatenates one small matrix per request instead of ~40 one-value columns each."""
         assert model.encoder is not None
@@ -801,8 +801,8 @@ class ServingRuntime:
         numbers = [
             f.name for f in model.state.features if not f.categorical and f.kind != "boolean"
         ]
-        # One transposed float64 copy of the number columns: each row is one feature.
-        block = matrix[:, [position[name] for name in numbers]].T.astype(np.float64)
+        # One transposed copy of the number columns: each row is one feature.
+        block = np.ascontiguousarray(matrix[:, [position[name] for name in numbers]].T)
         row = {name: index for index, name in enumerate(numbers)}
         out: dict[str, Any] = {}
         for feature in model.state.features:
@@ -986,10 +986,10 @@ class ServingRuntime:
         # Numbers as the model scored them (its matrix is float32), as the compiled path logs.
         features = {
             name: (
-                readable.column(name).cast(pa.float32()).cast(pa.float64())
+                readable.column(name).cast(pa.float32()).to_numpy(zero_copy_only=False)
                 if pa.types.is_floating(readable.column(name).type)
-                else readable.column(name)
-            ).to_pylist()
+                else readable.column(name).to_pylist()
+            )
             for name in readable.column_names
         }
         shadows = None

@@ -26,6 +26,10 @@ import os
 # without, in the same 12 ms of wall time. "passive": an idle OpenMP thread sleeps at once.
 # An OMP_WAIT_POLICY set in the environment is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# Polars writes the inference log's big commits (nothing else in the service uses it): one
+# thread, beside the request on the other core; its pool of one thread per core cost ~10-20%
+# more CPU per write in coordination. Read when Polars is first imported (below).
+os.environ.setdefault("POLARS_MAX_THREADS", "1")
 from datetime import date, datetime
 from typing import Annotated, Any
 
