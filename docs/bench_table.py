@@ -190,6 +190,30 @@ def serving_rows() -> list[list[str]]:
             _date(data, "bench_serving"),
             "`make bench-serving`",
         ],
+        *_log_cost_rows(data),
+    ]
+
+
+def _log_cost_rows(data: dict) -> list[list[str]]:
+    """The inference log's cost, log on and off served side by side (alternating rounds)."""
+    scenarios = [s for w in (data.get("logging_cost_ab") or {}).values() for s in w.values()]
+    if not scenarios:
+        return []
+    throughput = [s["cost_pct"] for s in scenarios]
+    share = [s["log_threads_share_pct"] for s in scenarios]
+    return [
+        [
+            "3 serving, inference log",
+            "cost with the log on: throughput lost (median of alternating rounds), and the "
+            "log's own threads as a share of the server's CPU; single rows and 1000-row Arrow "
+            "batches, 1 and 2 workers",
+            f"{min(throughput):.1f} to {max(throughput):.1f}% of throughput; "
+            f"log threads {min(share):.1f}-{max(share):.1f}% of CPU",
+            "the same service with the log off (ML_LIFECYCLE_INFERENCE_LOG=0), served at the "
+            "same time",
+            _date(data, "bench_serving"),
+            "`make bench-serving`",
+        ]
     ]
 
 
