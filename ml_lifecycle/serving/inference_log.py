@@ -134,7 +134,7 @@ def _leaf_array(values: list[Any]) -> pa.Array:
 
 def _floats(array: np.ndarray) -> pa.Array:
     """Arrow floats from numpy (float32 stays float32, others become float64), NaN -> null:
-    the validity bitmap packed by numpy (a quarter of what Arrow's own NaN scan,
+    the validity bitmap packed by numpy (about a third of what Arrow's own NaN scan,
     `from_pandas=True`, costs per value)."""
     single = array.dtype == np.float32
     values = np.ascontiguousarray(array, dtype=np.float32 if single else np.float64)
@@ -398,13 +398,12 @@ POLARS_FROM_ROWS = 2000  # smaller files: pyarrow's writer (less fixed cost per 
 def _write_parquet(table: pa.Table, path: Path) -> None:
     """The whole file under a hidden name, then renamed: it appears complete or not at all.
 
-    A commit of `POLARS_FROM_ROWS` rows or more is written by Polars' Parquet writer (Rust,
-    columns encoded on its thread pool): a 25,000-row flush of the flights log (53 columns)
-    takes ~19-24 ms of CPU there against ~30-37 ms in pyarrow's. A small one (single-row
-    traffic) by pyarrow's, whose fixed cost per file is lower (78 rows: ~1.7-2.7 ms against
-    ~4 ms). DuckDB reads both the same (dictionary text -> VARCHAR). One row group per file;
-    min/max statistics of the top-level columns (times, ids, version: what readers filter on)
-    let readers skip files."""
+    A commit of `POLARS_FROM_ROWS` rows or more is written by Polars' Parquet writer (Rust):
+    a 25,000-row flush of the flights log (53 columns) takes ~19-24 ms of CPU there against
+    ~30-37 ms in pyarrow's. A small one (single-row traffic) by pyarrow's, whose fixed cost
+    per file is lower (78 rows: ~1.7-2.7 ms against ~4 ms). DuckDB reads both the same
+    (dictionary text -> VARCHAR). One row group per file, with min/max statistics (pyarrow:
+    of the top-level columns, what readers filter on) so readers can skip files by time."""
     temporary = path.with_name(f".{path.name}.tmp")
     if table.num_rows >= POLARS_FROM_ROWS:
         pl.from_arrow(table).write_parquet(
