@@ -532,21 +532,11 @@ def http_scenarios(
 ) -> dict[str, Any]:
     import httpx
 
-    files = {}
-    kinds = [("single", single), ("batch", batch)]
-    kinds += [(k, v) for k, v in (("matrix", matrix), ("columns", columns), ("floor", floor)) if v]
-    for kind, bodies in kinds:
-        path = work / f"{name}_{kind}.jsonl"
-        path.write_bytes(b"\n".join(bodies) + b"\n")
-        files[kind] = (path, bodies)
-    if arrow:  # binary: one file per body, listed
-        paths = []
-        for index, body in enumerate(arrow):
-            paths.append(work / f"{name}_arrow_{index}.arrows")
-            paths[-1].write_bytes(body)
-        listing = work / f"{name}_arrow.list"
-        listing.write_text("".join(f"{p}\n" for p in paths))
-        files["arrow"] = (listing, arrow)
+    kinds = {"single": single, "batch": batch}
+    optional = {"matrix": matrix, "columns": columns, "floor": floor, "arrow": arrow}
+    kinds.update({kind: bodies for kind, bodies in optional.items() if bodies})
+    files = {kind: (path, kinds[kind]) for kind, path in write_bodies(work, name, kinds).items()}
+    if arrow:
         with httpx.Client(timeout=60) as client:
             response = client.post(
                 f"{server.url}/predict_arrow",
@@ -898,8 +888,8 @@ def table(results: dict[str, Any]) -> str:
 
 
 def logging_cost(http: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key in (
+    """Requests/s lost with the log on, variants measured one after the other."""
+    one_worker = (
         "single_c1",
         "single_c8",
         "batch1000_c1",
@@ -908,22 +898,24 @@ def logging_cost(http: dict[str, Any]) -> dict[str, Any]:
         "batch1000_columns_c2",
         "batch1000_arrow_c1",
         "batch1000_arrow_c2",
-    ):
-        on = http.get("ours", {}).get(key, {}).get("requests_per_s")
-        off = http.get("ours_nolog", {}).get(key, {}).get("requests_per_s")
-        if on and off:
-            out[key] = round(100 * (off - on) / off, 1)
-    for key in (
+    )
+    two_workers = (
         "single_c8",
         "batch1000_arrow_c2",
         "batch1000_arrow_c4",
         "batch1000_arrow_c8",
         "batch1000_columns_c8",
+    )
+    out = {}
+    for logged, unlogged, prefix, keys in (
+        ("ours", "ours_nolog", "", one_worker),
+        ("ours_2w", "ours_2w_nolog", "two_workers_", two_workers),
     ):
-        on = http.get("ours_2w", {}).get(key, {}).get("requests_per_s")
-        off = http.get("ours_2w_nolog", {}).get(key, {}).get("requests_per_s")
-        if on and off:
-            out[f"two_workers_{key}"] = round(100 * (off - on) / off, 1)
+        for key in keys:
+            on = http.get(logged, {}).get(key, {}).get("requests_per_s")
+            off = http.get(unlogged, {}).get(key, {}).get("requests_per_s")
+            if on and off:
+                out[f"{prefix}{key}"] = round(100 * (off - on) / off, 1)
     return out
 
 

@@ -38,6 +38,18 @@ def _log_batch(log: InferenceLog, batch: int, rows: int = 4) -> list[str]:
     return ids
 
 
+def _log_rows(log: InferenceLog, prefix: str, rows: int, features: dict[str, np.ndarray]) -> None:
+    """`rows` predictions of one time, ids `<prefix><row>`, with these feature columns."""
+    log.write_predictions(
+        [f"{prefix}{i}" for i in range(rows)],
+        "v0001",
+        np.linspace(0.0, 1.0, rows),
+        np.full(rows, np.datetime64("2013-05-01T10:00", "us")),
+        {"trip_id": np.arange(rows)},
+        features,
+    )
+
+
 def _count(directory: Path) -> tuple[int, int]:
     conn = duckdb.connect()
     relation = read_predictions(directory, conn)
@@ -151,14 +163,7 @@ def test_a_group_commit_lets_predictions_pass_between_build_and_write(tmp_path: 
     seen: list[bool] = []
 
     def log_rows(log: InferenceLog, prefix: str) -> None:
-        log.write_predictions(
-            [f"{prefix}{i}" for i in range(rows)],
-            "v0001",
-            np.linspace(0.0, 1.0, rows),
-            np.full(rows, np.datetime64("2013-05-01T10:00", "us")),
-            {"trip_id": np.arange(rows)},
-            {"distance": np.arange(rows, dtype=np.float64)},
-        )
+        _log_rows(log, prefix, rows, {"distance": np.arange(rows, dtype=np.float64)})
 
     queued = InferenceLog(tmp_path / "queued", worker="w", flush_interval=3600.0)
     immediate = InferenceLog(tmp_path / "immediate", worker="w")
@@ -214,14 +219,8 @@ def test_big_and_small_commits_read_and_merge_alike(tmp_path: Path):
     big = POLARS_FROM_ROWS + 5
     levels = np.array(["EWR", "JFK", None, "LGA"], dtype=object)
     for batch, rows in enumerate((big, 3)):
-        log.write_predictions(
-            [f"b{batch}-{i}" for i in range(rows)],
-            "v0001",
-            np.linspace(0.0, 1.0, rows),
-            np.full(rows, np.datetime64("2013-05-01T10:00", "us")),
-            {"trip_id": np.arange(rows)},
-            {"origin": levels[np.arange(rows) % 4], "distance": np.arange(rows, dtype=float)},
-        )
+        features = {"origin": levels[np.arange(rows) % 4], "distance": np.arange(rows, dtype=float)}
+        _log_rows(log, f"b{batch}-", rows, features)
     big_file, small_file = log.files()
     assert b"ARROW:schema" in (pq.read_metadata(big_file).metadata or {})  # Polars wrote it
     assert b"ARROW:schema" not in (pq.read_metadata(small_file).metadata or {})

@@ -213,7 +213,7 @@ def second_version(served: Served) -> str:
 
 def logged(served: Served, request_ids: list[str], wait: float = 5.0) -> dict[str, dict[str, Any]]:
     """Logged prediction lines (all workers' files) for these request ids, by id; waits up to
-    `wait` seconds for them (the service group-commits its log every 0.25 s)."""
+    `wait` seconds for them (the service group-commits its log every 0.5 s)."""
     deadline = time.monotonic() + wait
     while True:
         found = _logged_now(served, request_ids)
@@ -1221,7 +1221,7 @@ def _worker_pids(server: Server) -> list[int]:
 
 
 def test_a_worker_killed_mid_load_loses_at_most_the_last_second(served: Served, server: Server):
-    """The service group-commits its prediction log (every 0.25 s): SIGKILL under load loses
+    """The service group-commits its prediction log (every 0.5 s): SIGKILL under load loses
     at most the predictions of the last second, never a torn or duplicated line."""
     workers = _worker_pids(server)
     assert len(workers) == 1, workers
